@@ -1,0 +1,40 @@
+"""Chrysalis: a Megatron-style pretraining engine for Visual-Predictive Instruction Tuning (VPiT)."""
+
+from setuptools import setup
+
+# The user's layout keeps Triton kernels in `kernels/`. Installing that directory under the import name
+# `kernels` would overwrite Hugging Face's well-known `kernels` distribution (and `transformers` probes for
+# it), so it is installed as `chrysalis_kernels`. The source folder has no `__init__.py`: from the repo
+# root it is at most a namespace portion, which never shadows a real `kernels` package and which
+# transformers' probe reports as absent (see tests/test_packaging.py).
+PACKAGES = [
+    "engine",
+    "engine.model",
+    "engine.tokenizer",
+    "preprocess",
+    "chrysalis_kernels",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "sentencepiece", "tiktoken", "tokenizers",
+            "scikit-image", "pillow"],
+    # DALI comes from NVIDIA's package index (nvidia-dali-cuda120); the PIL decoder is the portable fallback.
+    "data": ["transformers>=4.45", "mpi4py", "pillow", "sentencepiece", "tiktoken", "tokenizers", "tqdm"],
+    "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
+    "viz": ["diffusers>=0.30", "transformers>=4.45", "pillow"],
+}
+
+setup(
+    name="chrysalis",
+    version="0.1.0",
+    description="High-throughput VPiT (MetaMorph) pretraining engine for LLaMA on PyTorch-native parallelism",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"chrysalis_kernels": "kernels"},
+    py_modules=["pretrain_gpt_vision"],
+    include_package_data=True,
+    package_data={"engine": ["assets/*", "assets/**/*"]},
+    # torch is pinned by the README's commands (a local CPU wheel); a range here installs nothing extra.
+    install_requires=["torch>=2.6", "numpy", "safetensors", "pyyaml", "megatron-core>=0.16"],
+    extras_require=EXTRAS,
+)
