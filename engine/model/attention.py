@@ -1,0 +1,120 @@
+"""Attention backends for packed sequences.
+
+Both backends compute causal attention that never crosses a document boundary, given per-token document ids:
+
+- `sdpa`: `torch.nn.functional.scaled_dot_product_attention`, the portable numerical reference. With one document
+  per row it uses `is_causal=True` (no mask tensor); with packing it materialises a [B, 1, S, S] boolean mask.
+- `flex`: FlexAttention with a document-causal `BlockMask`, which skips fully-masked blocks instead of
+  materialising a mask. Compiled on GPU; eager (unfused, but exact) on CPU, where compiling costs more than it saves.
+
+The mask is built once per forward by `build_attention_mask` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMask:
+    """What every layer needs to mask attention.
+
+    Attributes:
+        backend: "sdpa" or "flex".
+        dense: for sdpa, a [B, 1, Sq, Sk] bool mask (True = attend), or None for plain causal attention.
+        block_mask: for flex, a `BlockMask`.
+    """
+
+    backend: str
+    dense: torch.Tensor | None = None
+    block_mask: Any = None
+
+
+def document_causal_mask(document_ids: torch.Tensor, key_document_ids: torch.Tensor | None = None,
+                         query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense [B, 1, Sq, Sk] bool mask: query i sees key j iff same document and j <= i.
+
+    Args:
+        document_ids: [B, Sq] document id of each query token.
+        key_document_ids: [B, Sk] document id of each key (defaults to `document_ids`).
+        query_positions: [Sq] index of each query among the keys (defaults to the last Sq keys).
+    """
+    keys = document_ids if key_document_ids is None else key_document_ids
+    sq, sk = document_ids.shape[1], keys.shape[1]
+    if query_positions is None:
+        query_positions = torch.arange(sk - sq, sk, device=document_ids.device)
+    causal = query_positions[:, None] >= torch.arange(sk, device=document_ids.device)[None, :]  # [Sq, Sk]
+    same_doc = document_ids[:, :, None] == keys[:, None, :]  # [B, Sq, Sk]
+    return (same_doc & causal).unsqueeze(1)
+
+
+def build_attention_mask(backend: str, document_ids: torch.Tensor | None, batch: int, seq_len: int,
+                         device: torch.device) -> AttentionMask:
+    """Builds the per-forward mask for `backend` ("sdpa" or "flex")."""
+    if backend == "sdpa":
+        if document_ids is None:
+            return AttentionMask("sdpa")
+        return AttentionMask("sdpa", dense=document_causal_mask(document_ids))
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if document_ids is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= kv_idx
+            batch_dim = None
+        else:
+            docs = document_ids
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+            batch_dim = batch
+        block_mask = create_block_mask(mask_mod, batch_dim, None, seq_len, seq_len, device=device)
+        return AttentionMask("flex", block_mask=block_mask)
+    raise ValueError(f"unknown attention backend {backend!r}; choose 'sdpa' or 'flex'")
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():
+        # Eager flex on CPU is the unfused reference implementation; exact, and cheaper than compiling here.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+        q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D] with Hq divisible by Hkv.
+    Returns:
+        [B, Hq, Sq, D]
+    """
+    enable_gqa = q.shape[1] != k.shape[1]
+    if mask.backend == "flex":
+        return _flex_attention(q, k, v, mask.block_mask, enable_gqa)
+    if mask.dense is None:
+        # Plain causal; with a KV cache (Sq < Sk) the queries are the last Sq keys.
+        if q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        if q.shape[2] == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
+        sq, sk = q.shape[2], k.shape[2]
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=enable_gqa)
