@@ -55,20 +55,29 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for arbitrary (packed, restarting) position ids; nothing to learn."""
+    """cos/sin for arbitrary (packed, restarting) position ids; nothing to learn.
+
+    The inverse frequencies are kept per device in fp32 outside the module's buffers, so `model.to(bf16)` cannot
+    round them (a bf16 inv_freq visibly shifts long positions).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def reset_parameters(self) -> None:
-        self.inv_freq.copy_(rope_inverse_frequencies(self.config.head_dim, self.config.rotary_base,
-                                                     self.config.rope_scaling))
+        self._inv_freq.clear()
+
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            inv_freq = rope_inverse_frequencies(self.config.head_dim, self.config.rotary_base, self.config.rope_scaling)
+            self._inv_freq[device] = inv_freq.to(device)
+        return self._inv_freq[device]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # [B, S, D/2] -> [B, S, D]; fp32 products, like the reference, so long positions stay exact.
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        # [B, S] -> [B, S, D/2] -> [B, S, D]; fp32 products, like the reference, so long positions stay exact.
+        freqs = position_ids[..., None].float() * self.inverse_frequencies(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

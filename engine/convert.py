@@ -1,0 +1,353 @@
+"""Hugging Face LLaMA <-> Chrysalis checkpoint conversion.
+
+    python -m engine.convert hf-to-chrysalis --hf-dir DIR --output CKPT [--make-vocab-size-divisible-by 128]
+    python -m engine.convert chrysalis-to-hf --load CKPT --output DIR [--max-shard-size 5GB]
+
+Importing appends `<image_start>` and `<image_end>` after the Hugging Face vocabulary (new rows = mean of the
+existing rows), pads the vocabulary as Megatron does, and initialises the VPiT projector and continuous-token head.
+Exporting writes a standard `LlamaForCausalLM` directory (the padded vocabulary included, so our tokenizer's ids
+stay valid) plus `vpit_heads.safetensors` with the projector and head, and records the Chrysalis vocabulary layout
+in `config.json["chrysalis"]`, so that export -> import round-trips bit-exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoint_io import (
+    CheckpointError,
+    atomic_write_text,
+    check_state_dict,
+    load_model_checkpoint,
+    load_tensors,
+    save_model_checkpoint,
+    save_tensors_atomic,
+)
+from engine.config import ModelConfig, RopeScaling
+
+VPIT_HEADS_FILE = "vpit_heads.safetensors"
+
+# Hugging Face name pattern -> Chrysalis name pattern ({i} = layer index).
+_LAYER_MAP = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_GLOBAL_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_to_chrysalis_name(name: str) -> str | None:
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    match = _LAYER_RE.match(name)
+    if match and match.group(2) in _LAYER_MAP:
+        return f"layers.{match.group(1)}.{_LAYER_MAP[match.group(2)]}"
+    return None
+
+
+def chrysalis_to_hf_name(name: str) -> str | None:
+    for hf, ours in _GLOBAL_MAP.items():
+        if name == ours:
+            return hf
+    parts = name.split(".", 2)
+    if parts[0] == "layers" and len(parts) == 3:
+        for hf, ours in _LAYER_MAP.items():
+            if parts[2] == ours:
+                return f"model.layers.{parts[1]}.{hf}"
+    return None
+
+
+def pad_vocab_size(size: int, divisible_by: int) -> int:
+    """Megatron's padding: round up to a multiple of `divisible_by` (callers multiply in the TP size)."""
+    return int(math.ceil(size / divisible_by) * divisible_by) if divisible_by > 1 else size
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def model_config_from_hf(hf: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """Maps a Hugging Face LLaMA `config.json` to ModelConfig; refuses features we do not implement."""
+    where = "config.json"
+    if hf.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{where}: {flag}=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise CheckpointError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
+    # transformers >= 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_scaling = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3')")
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    max_pos = hf.get("max_position_embeddings", 4096)
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads, seq_length=min(4096, max_pos),
+        max_position_embeddings=max_pos, rotary_base=float(theta), rope_scaling=rope_scaling,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def hf_config_from_model(config: ModelConfig, vocab: dict[str, int]) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.norm_epsilon,
+        "rope_theta": config.rotary_base,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": config.init_method_std,
+        "torch_dtype": "float32",
+        "chrysalis": {**vocab, "visual_loss_coef": config.visual_loss_coef, "vision_dim": config.vision_dim},
+    }
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling.factor,
+                              "low_freq_factor": config.rope_scaling.low_freq_factor,
+                              "high_freq_factor": config.rope_scaling.high_freq_factor,
+                              "original_max_position_embeddings": config.rope_scaling.original_max_position_embeddings}
+    return hf
+
+
+# ------------------------------------------------------------------------------------------------ HF files
+def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Reads a single-file or sharded (`model.safetensors.index.json`) safetensors checkpoint."""
+    index = hf_dir / "model.safetensors.index.json"
+    single = hf_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = hf_dir / shard
+            if not path.is_file():
+                raise CheckpointError(f"{index} names shard {shard}, which is missing")
+            state.update(load_tensors(path))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{index} lists tensors not found in any shard: {', '.join(missing[:5])}")
+        return state
+    if single.is_file():
+        return load_tensors(single)
+    raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
+                          "(only safetensors checkpoints are read; pickled .bin files are refused)")
+
+
+def write_hf_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= max_shard_bytes:
+        save_tensors_atomic(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_tensors_atomic(shard, out_dir / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, make_vocab_size_divisible_by: int = 128,
+                    dtype: torch.dtype | None = None, seed: int = 0, tokenizer: Any = None):
+    """Imports a local Hugging Face LLaMA; returns (model, vocab layout). Writes a checkpoint when `output` is set.
+
+    A directory exported by `chrysalis_to_hf` (it has `config.json["chrysalis"]` and `vpit_heads.safetensors`)
+    comes back exactly; a plain LLaMA gets the two image tokens appended and a freshly initialised projector/head.
+    """
+    from engine.model import VPiTModel
+
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing")
+    hf = json.loads(config_path.read_text())
+    hf_state = read_hf_state_dict(hf_dir)
+    hf_vocab = hf["vocab_size"]
+    ours = hf.get("chrysalis")
+    if ours:
+        vocab = {k: int(ours[k]) for k in ("base_vocab_size", "image_start_id", "image_end_id")}
+        vocab_size = hf_vocab
+    else:
+        vocab = {"base_vocab_size": hf_vocab, "image_start_id": hf_vocab, "image_end_id": hf_vocab + 1}
+        vocab_size = pad_vocab_size(hf_vocab + 2, make_vocab_size_divisible_by)
+    config = model_config_from_hf(hf, hf_vocab)
+    if ours:
+        config = config.replace(visual_loss_coef=float(ours.get("visual_loss_coef", 1.0)))
+
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, tensor in hf_state.items():
+        mapped = hf_to_chrysalis_name(name)
+        if mapped is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # older exports store RoPE frequencies; we recompute them
+            unknown.append(name)
+        else:
+            state[mapped] = tensor
+    if unknown:
+        raise CheckpointError(f"{hf_dir}: unexpected tensors {', '.join(sorted(unknown)[:5])}")
+    if config.tie_embeddings:
+        state.pop("output.weight", None)
+
+    model_dtype = dtype or hf_state["model.embed_tokens.weight"].dtype
+    with torch.device("meta"):
+        model = VPiTModel(config)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=seed)  # the projector and head start random; every LLaMA tensor is overwritten below
+    model.to(model_dtype)
+    llama_expected = {k: v for k, v in model.state_dict().items()
+                      if not k.startswith(("projector.", "visual_head."))}
+    if config.tie_embeddings:
+        llama_expected.pop("output.weight", None)
+    check_state_dict(llama_expected, state, str(hf_dir))
+    model.load_state_dict(state, strict=False)
+    heads = hf_dir / VPIT_HEADS_FILE
+    if heads.is_file():
+        head_state = load_tensors(heads)
+        head_expected = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "visual_head."))}
+        check_state_dict(head_expected, head_state, str(heads))
+        model.load_state_dict(head_state, strict=False)
+    model.resize_token_embeddings(vocab_size)
+    if output is not None:
+        save_model_checkpoint(model, output, vocab=vocab, tokenizer=tokenizer,
+                              extra={"source": {"hf_dir": str(hf_dir.resolve())}})
+    return model, vocab
+
+
+def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Exports a Chrysalis checkpoint to a Hugging Face LLaMA directory (+ vpit_heads.safetensors)."""
+    model, ckpt_config = load_model_checkpoint(load)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    llama: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("projector.", "visual_head.")):
+            heads[name] = tensor
+            continue
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue
+        hf_name = chrysalis_to_hf_name(name)
+        if hf_name is None:
+            raise CheckpointError(f"no Hugging Face name for tensor {name!r}")
+        llama[hf_name] = tensor
+    write_hf_state_dict(llama, out, max_shard_bytes)
+    save_tensors_atomic(heads, out / VPIT_HEADS_FILE)
+    hf = hf_config_from_model(model.config, ckpt_config["vocab"])
+    hf["torch_dtype"] = str(next(iter(llama.values())).dtype).removeprefix("torch.")
+    atomic_write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    tokenizer_dir = Path(load) / "tokenizer"
+    if tokenizer_dir.is_dir():
+        from engine.tokenizer import load_saved_tokenizer
+
+        load_saved_tokenizer(tokenizer_dir).save(out / "chrysalis_tokenizer")
+    return out
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", text.strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB")
+    unit = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
+    return int(float(match.group(1)) * unit[match.group(2)])
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("hf-to-chrysalis", help="import a local Hugging Face LLaMA (safetensors)")
+    imp.add_argument("--hf-dir", required=True, type=Path)
+    imp.add_argument("--output", required=True, type=Path)
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    imp.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep the stored dtype")
+    imp.add_argument("--seed", type=int, default=0, help="seed for the new projector and head")
+    imp.add_argument("--tokenizer-type", choices=["sentencepiece", "tiktoken", "huggingface"], default=None,
+                     help="store a copy of this tokenizer in the checkpoint")
+    imp.add_argument("--tokenizer-model", type=Path, default=None)
+    exp = sub.add_parser("chrysalis-to-hf", help="export to a Hugging Face LLaMA directory")
+    exp.add_argument("--load", required=True, type=Path)
+    exp.add_argument("--output", required=True, type=Path)
+    exp.add_argument("--max-shard-size", type=_parse_size, default=5 * 1024**3)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf-to-chrysalis":
+            tokenizer = None
+            if args.tokenizer_type:
+                from engine.tokenizer import build_tokenizer
+
+                tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            model, vocab = hf_to_chrysalis(args.hf_dir, args.output,
+                                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                           dtype=_DTYPES.get(args.dtype), seed=args.seed, tokenizer=tokenizer)
+            if tokenizer is not None and tokenizer.base_vocab_size != vocab["base_vocab_size"]:
+                print(f"warning: tokenizer has {tokenizer.base_vocab_size} base tokens, the model "
+                      f"{vocab['base_vocab_size']}", file=sys.stderr)
+            print(f"wrote {args.output}: vocab {model.config.vocab_size} (image tokens {vocab['image_start_id']}, "
+                  f"{vocab['image_end_id']}), {sum(p.numel() for p in model.parameters()):,} parameters")
+        else:
+            out = chrysalis_to_hf(args.load, args.output, max_shard_bytes=args.max_shard_size)
+            print(f"wrote {out}")
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
