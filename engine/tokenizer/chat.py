@@ -18,7 +18,10 @@ Hugging Face LLaMA-3 template do). Each piece of template text (the role name,
 "\\n\\n", "{Role}: ", "\\n") and each piece of content between `<image>`
 placeholders is encoded separately, so BPE merges never cross those boundaries:
 text next to an image is tokenized as if the image were the start/end of the
-text. Training and generation prompts are built the same way, so they agree.
+text. Pieces after the first are encoded with `encode_continuation`, which for
+SentencePiece leaves out the dummy-prefix space. Training and generation
+prompts are built the same way, so a generation prompt is exactly the prefix
+the model saw before the reply during training.
 
 Each `<image>` in content becomes `<image_start>`, `tokens_per_image` slot
 positions holding `image_start_id` as a placeholder (the model overwrites them

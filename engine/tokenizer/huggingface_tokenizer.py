@@ -12,19 +12,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.tokenizer.base import (
-    SAVED_CONFIG_NAME,
-    ChrysalisTokenizer,
-    TokenizerFormatError,
-    read_existing_file,
-)
+from engine.tokenizer.base import ChrysalisTokenizer, TokenizerFormatError, read_existing_file
 
 if TYPE_CHECKING:
     import tokenizers
 
 HF_CONFIG_NAME = "tokenizer_config.json"
-# Inside a Chrysalis `save` directory our own tokenizer_config.json takes the
-# usual name, so the Hugging Face one is stored under this name instead.
+# Inside a Chrysalis `save` directory our own tokenizer_config.json takes that
+# name (SAVED_CONFIG_NAME), so the Hugging Face one is stored under this one.
 SAVED_HF_CONFIG_NAME = "hf_tokenizer_config.json"
 
 # Tried in order when no tokenizer_config.json names the token.
@@ -169,14 +164,14 @@ def _default_hf_config_path(tokenizer_json: Path) -> Path | None:
     Normally the tokenizer_config.json next to it. Inside a Chrysalis `save`
     directory that name holds our own config, which points at the renamed copy.
     """
-    # HF_CONFIG_NAME and SAVED_CONFIG_NAME are the same file name, hence the check below.
-    sibling = tokenizer_json.parent / SAVED_CONFIG_NAME
+    sibling = tokenizer_json.parent / HF_CONFIG_NAME
     if not sibling.is_file():
         return None
     try:
         config = json.loads(sibling.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return sibling  # not ours; let the caller report the broken JSON
+    # HF_CONFIG_NAME == SAVED_CONFIG_NAME, so the file may be ours rather than Hugging Face's.
     is_chrysalis_config = isinstance(config, dict) and "fingerprint" in config and "type" in config
     if not is_chrysalis_config:
         return sibling
