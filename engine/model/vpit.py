@@ -8,6 +8,7 @@ this model with some modules removed (set to None) and layers deleted from `laye
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model.attention import build_attention_mask
 from engine.model.llama import LayerKVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from engine.model.losses import text_cross_entropy_sum, visual_cosine_loss_sum
 
 IGNORE_INDEX = -100
 
@@ -63,17 +65,6 @@ class VPiTLoss:
     visual_targets: torch.Tensor
 
 
-def text_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32 over rows of `logits` [N, V] with target `labels` [N]."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
-
-
-def visual_cosine_loss_sum(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of (1 - cosine(predicted, target)); target is detached. Empty input gives 0."""
-    cos = F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1, eps=1e-8)
-    return (1.0 - cos).sum()
-
-
 class VPiTModel(nn.Module):
     """LLaMA + visual projector + continuous-token head.
 
@@ -100,30 +91,34 @@ class VPiTModel(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = 0) -> None:
         """Explicit initialisation: N(0, std) for matrices, scaled by 1/sqrt(2L) on residual outputs
-        (Megatron's scaled init), zeros for biases, ones for norms."""
+        (Megatron's scaled init), zeros for biases, ones for norms.
+
+        Each tensor draws from its own generator seeded by (seed, parameter name), so a pipeline stage (a model
+        with modules removed) or a tensor-parallel rank gets exactly the weights of the single-device model.
+        """
         self.tie_weights()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.config.init_method_std
         out_std = std / (2.0 * self.config.num_layers) ** 0.5
 
-        def normal_(t: torch.Tensor, s: float) -> None:
-            # Draw on CPU so a seed gives the same weights on any device.
+        def normal_(name: str, t: torch.Tensor, s: float) -> None:
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            # Draw on CPU in fp32 so a seed gives the same weights on any device and dtype.
             t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, s, generator=generator).to(t))
 
         for name, module in self.named_modules():
             if isinstance(module, RMSNorm | RotaryEmbedding):
                 module.reset_parameters()
             elif isinstance(module, nn.Embedding):
-                normal_(module.weight, std)
+                normal_(f"{name}.weight", module.weight, std)
             elif isinstance(module, nn.Linear):
                 if self.config.tie_embeddings and module is self.output:
                     continue
                 residual_out = name.endswith("attention.wo") or name.endswith("feed_forward.w2")
-                normal_(module.weight, out_std if residual_out else std)
+                normal_(f"{name}.weight", module.weight, out_std if residual_out else std)
                 if module.bias is not None:
                     module.bias.zero_()
 
