@@ -1,0 +1,89 @@
+"""Command line: `python -m preprocess {build,inspect,verify}` (see docs/preprocess.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m preprocess",
+                                     description="Pack multimodal conversations into Megatron-format shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="records -> packed shards + image embeddings")
+    build.add_argument("--input", action="append", required=True, metavar="FILE",
+                       help="JSONL or JSON-array file of LLaVA-style records (repeatable; order matters)")
+    build.add_argument("--image-root", metavar="DIR", help="images (and WebDataset tars, `x.tar::member`) are "
+                       "relative to this directory; paths resolving outside it are refused")
+    build.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "tiktoken", "huggingface"])
+    build.add_argument("--tokenizer-model", required=True, metavar="PATH")
+    build.add_argument("--chat-template", default="llama3", choices=["llama3", "plain"])
+    build.add_argument("--vision-encoder", metavar="PATH|tiny-random",
+                       help="local Hugging Face SigLIP directory, tiny-random or so400m-random (nothing is downloaded)")
+    build.add_argument("--embeddings-dir", metavar="DIR", help="precomputed per-image embeddings (.npy or "
+                       ".safetensors, [64,1152] or [729,1152]) used instead of decoding and encoding pixels")
+    build.add_argument("--seq-length", type=int, default=4096)
+    build.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                       help="what to do with a conversation longer than --seq-length (default: truncate)")
+    build.add_argument("--samples-per-shard", type=int, default=10000,
+                       help="records per shard: the unit of parallel work, of packing and of resume")
+    build.add_argument("--encode-batch-size", type=int, default=32, help="images per encoder batch")
+    build.add_argument("--image-decoder", choices=["auto", "pil", "dali"], default="auto",
+                       help="auto: NVIDIA DALI when installed (GPU decode if CUDA), else PIL")
+    build.add_argument("--device", help="encoder device (default: cuda if available, else cpu)")
+    build.add_argument("--workers", type=int, default=1, help="local worker processes (per MPI rank)")
+    build.add_argument("--output", required=True, metavar="OUT")
+    build.add_argument("--resume", action="store_true", help="finish an interrupted build in OUT")
+    build.add_argument("--strict", action="store_true", help="stop at the first bad record (exit status 2)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    inspect = commands.add_parser("inspect", help="statistics; one packed sequence decoded")
+    inspect.add_argument("output", metavar="OUT")
+    inspect.add_argument("--sequence", type=int, metavar="K", help="decode packed sequence K")
+
+    verify = commands.add_parser("verify", help="checksums and index consistency; exit status 1 on any fault")
+    verify.add_argument("output", metavar="OUT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "build":
+        from preprocess.build import BuildConfig, BuildError, run_build
+
+        try:
+            config = BuildConfig(
+                inputs=args.input, output=args.output, tokenizer_type=args.tokenizer_type,
+                tokenizer_model=args.tokenizer_model, chat_template=args.chat_template,
+                vision_encoder=args.vision_encoder, image_root=args.image_root, embeddings_dir=args.embeddings_dir,
+                seq_length=args.seq_length, overlong=args.overlong, samples_per_shard=args.samples_per_shard,
+                encode_batch_size=args.encode_batch_size, image_decoder=args.image_decoder, device=args.device,
+                workers=args.workers, resume=args.resume, strict=args.strict, progress=not args.no_progress)
+            run_build(config)
+        except (BuildError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "inspect":
+        from preprocess.inspection import inspect_build
+        from preprocess.manifest import ManifestError
+
+        try:
+            inspect_build(args.output, args.sequence)
+        except (ManifestError, IndexError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    from preprocess.verify import verify_build
+
+    faults, warnings = verify_build(args.output)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for fault in faults:
+        print(f"FAULT: {fault}", file=sys.stderr)
+    if faults:
+        print(f"verify: {len(faults)} fault(s) in {args.output}", file=sys.stderr)
+        return 1
+    print(f"verify: {args.output} OK")
+    return 0
