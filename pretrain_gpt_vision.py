@@ -1,15 +1,39 @@
-"""Entry point for VPiT pretraining (`torchrun ... pretrain_gpt_vision.py`). The training loop is being built
-(issue 4); until it lands this only validates the model flags and prints the model size."""
+"""VPiT pretraining entry point (stage 1 and stage 2). See docs/training.md.
 
-import argparse
+    torchrun --nproc-per-node N pretrain_gpt_vision.py --data-path 0.7 DIR1 0.3 DIR2 --model-preset tiny \
+        --micro-batch-size 4 --global-batch-size 32 --train-iters 1000 --lr 3e-4 --stage 2 --save CKPT ...
+
+Exit status: 0 when training finished, stopped at `--exit-interval`, or was stopped by SIGTERM after saving;
+1 on a configuration error or after too many non-finite steps.
+"""
+
+from __future__ import annotations
+
 import sys
 
-from engine.config import add_model_args, model_config_from_args
+import torch.distributed as dist
+
+from engine.training import TooManySkippedSteps, Trainer, build_device_mesh, parse_training_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_training_config(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    info = build_device_mesh()
+    try:
+        trainer = Trainer(config, info)
+        trainer.train()
+    except (ValueError, TooManySkippedSteps) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
 
 if __name__ == "__main__":
-    args = add_model_args(argparse.ArgumentParser()).parse_args()
-    try:
-        config = model_config_from_args(args)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    print(config)
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed training configuration, parsed from Megatron-style flags and an optional YAML file.
+
+Every flag lives in one table (`_FLAGS`) naming the dataclass section and field it sets, so the command line, the
+YAML file and the dataclasses cannot drift apart. Precedence: flag on the command line > YAML (`--config`) >
+dataclass default. YAML keys are flag names with or without the leading dashes, `-` or `_` alike:
+
+    micro-batch-size: 4
+    data_path: [0.7, /data/a, 0.3, /data/b]
+    model-preset: tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.config import ModelConfig, add_model_args, model_config_from_args
+
+LrDecayStyle = Literal["cosine", "linear", "constant"]
+DataParallelSharding = Literal["none", "fsdp"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Args:
+        data_path: `[W1] DIR1 [W2 DIR2 ...]`; weights are optional when there is a single path.
+        split: train,valid,test proportions of each dataset's packed sequences (contiguous ranges, as Megatron).
+        mock_data: train on `SyntheticDataset` instead of shards (Megatron's `--mock-data`).
+        make_vocab_size_divisible_by: Megatron's vocabulary padding (times the tensor-parallel size).
+    """
+
+    data_path: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    num_workers: int = 2
+    mock_data: bool = False
+    mock_data_sequences: int = 4096
+    make_vocab_size_divisible_by: int = 128
+
+    def split_fractions(self) -> tuple[float, float, float]:
+        parts = [float(p) for p in self.split.replace("/", ",").split(",")]
+        parts += [0.0] * (3 - len(parts))
+        if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+            raise ValueError(f"--split {self.split!r} must be up to three non-negative numbers, e.g. 98,2,0")
+        total = sum(parts)
+        return parts[0] / total, parts[1] / total, parts[2] / total
+
+    def weighted_paths(self) -> list[tuple[float, str]]:
+        """`--data-path` as (weight, path) pairs; a lone path has weight 1."""
+        items = list(self.data_path)
+        if len(items) == 1:
+            return [(1.0, items[0])]
+        if len(items) % 2:
+            raise ValueError("--data-path takes a single DIR or pairs 'W1 DIR1 W2 DIR2 ...'; got an odd count")
+        pairs = []
+        for w, p in zip(items[0::2], items[1::2]):
+            try:
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"--data-path: {w!r} is not a weight; give 'W1 DIR1 W2 DIR2 ...'") from None
+            if weight < 0:
+                raise ValueError(f"--data-path: weight {weight} of {p} is negative")
+            pairs.append((weight, str(p)))
+        if sum(w for w, _ in pairs) <= 0:
+            raise ValueError("--data-path: the weights sum to zero")
+        return pairs
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_fraction: float | None = None
+    lr_warmup_iters: int = 0
+    lr_decay_style: LrDecayStyle = "cosine"
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Args:
+        load: a training checkpoint directory (resume), or a model-only Chrysalis checkpoint (weights only).
+        finetune: load only the model weights from `load` and start at iteration 0 (also automatic when the
+            checkpoint's `--stage` differs from this run's).
+        keep_last: keep this many newest complete checkpoints (0 keeps all).
+        verify: check every checkpoint file's sha256 before resuming.
+    """
+
+    load: str | None = None
+    load_hf: str | None = None
+    save: str | None = None
+    save_interval: int | None = None
+    keep_last: int = 0
+    finetune: bool = False
+    verify: bool = True
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_interval: int = 10
+    log_jsonl: str | None = None
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    eval_interval: int | None = None
+    eval_iters: int = 10
+    peak_tflops: float | None = None
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The whole run. `model.vocab_size` is replaced by the data's padded vocabulary unless `vocab_size_from_flag`.
+
+    Args:
+        stage: 1 trains the projector and the new token rows (plus the continuous-token head when
+            `stage1_train_visual_head`); 2 trains everything.
+        recompute_num_layers: activation checkpointing on the first N transformer blocks (Megatron's
+            `--recompute-method block`); -1 = every block.
+        max_skipped_steps: abort when more than this many consecutive steps had a non-finite loss or gradient.
+    """
+
+    model: ModelConfig
+    vocab_size_from_flag: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None
+    train_iters: int = 100
+    exit_interval: int | None = None
+    seed: int = 1234
+    stage: int = 2
+    stage1_train_visual_head: bool = False
+    bf16: bool = False
+    recompute_num_layers: int = 0
+    data_parallel_sharding: DataParallelSharding = "none"
+    max_skipped_steps: int = 10
+
+    def validate(self, data_parallel_size: int = 1) -> None:
+        """Raises ValueError naming the flag to change."""
+        problems = []
+        gbs = self.global_batch_size or self.micro_batch_size * data_parallel_size
+        if self.micro_batch_size <= 0:
+            problems.append(f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        elif gbs % (self.micro_batch_size * data_parallel_size):
+            problems.append(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size "
+                            f"{self.micro_batch_size} x data-parallel size {data_parallel_size}")
+        if self.train_iters <= 0:
+            problems.append(f"--train-iters must be positive, got {self.train_iters}")
+        if self.stage not in (1, 2):
+            problems.append(f"--stage must be 1 or 2, got {self.stage}")
+        if not self.data.mock_data and not self.data.data_path:
+            problems.append("give --data-path (preprocessed shards) or --mock-data")
+        if self.data.data_path:
+            try:
+                self.data.weighted_paths()
+                self.data.split_fractions()
+            except ValueError as err:
+                problems.append(str(err))
+        if self.checkpoint.load and self.checkpoint.load_hf:
+            problems.append("give either --load or --load-hf, not both")
+        if self.checkpoint.save_interval is not None and self.checkpoint.save_interval <= 0:
+            problems.append("--save-interval must be positive")
+        if (self.checkpoint.save_interval or self.exit_interval) and not self.checkpoint.save:
+            problems.append("--save-interval/--exit-interval need --save DIR")
+        o = self.optimizer
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            problems.append(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr}) and --lr > 0")
+        if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
+            problems.append(f"--lr-warmup-fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+        if self.logging.eval_interval is not None and self.logging.eval_interval <= 0:
+            problems.append("--eval-interval must be positive")
+        if self.max_skipped_steps < 0:
+            problems.append("--max-skipped-steps must be >= 0")
+        if problems:
+            raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
+
+    def resolved_global_batch_size(self, data_parallel_size: int) -> int:
+        return self.global_batch_size or self.micro_batch_size * data_parallel_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# flag -> (section or "" for TrainingConfig itself, field, type, help). `bool` flags are store_true.
+_FLAGS: dict[str, tuple[str, str, Any, str]] = {
+    "--data-path": ("data", "data_path", list, "[W1] DIR1 [W2 DIR2 ...]: preprocessed shard directories"),
+    "--split": ("data", "split", str, "train,valid,test proportions, e.g. 98,2,0"),
+    "--num-workers": ("data", "num_workers", int, "background loader processes per rank"),
+    "--mock-data": ("data", "mock_data", bool, "synthetic packed sequences instead of shards"),
+    "--mock-data-sequences": ("data", "mock_data_sequences", int, "size of the synthetic dataset"),
+    "--make-vocab-size-divisible-by": ("data", "make_vocab_size_divisible_by", int, "vocabulary padding"),
+    "--lr": ("optimizer", "lr", float, "peak learning rate"),
+    "--min-lr": ("optimizer", "min_lr", float, "final learning rate of the decay"),
+    "--lr-warmup-fraction": ("optimizer", "lr_warmup_fraction", float, "warm-up as a fraction of the decay"),
+    "--lr-warmup-iters": ("optimizer", "lr_warmup_iters", int, "warm-up iterations (if no fraction)"),
+    "--lr-decay-style": ("optimizer", "lr_decay_style", str, "cosine | linear | constant"),
+    "--lr-decay-iters": ("optimizer", "lr_decay_iters", int, "decay length (default --train-iters)"),
+    "--weight-decay": ("optimizer", "weight_decay", float, "AdamW decoupled weight decay"),
+    "--adam-beta1": ("optimizer", "adam_beta1", float, ""),
+    "--adam-beta2": ("optimizer", "adam_beta2", float, ""),
+    "--adam-eps": ("optimizer", "adam_eps", float, ""),
+    "--clip-grad": ("optimizer", "clip_grad", float, "global gradient-norm clip (0 = off)"),
+    "--load": ("checkpoint", "load", str, "checkpoint directory to resume from"),
+    "--load-hf": ("checkpoint", "load_hf", str, "Hugging Face LLaMA directory to start from"),
+    "--save": ("checkpoint", "save", str, "checkpoint directory"),
+    "--save-interval": ("checkpoint", "save_interval", int, "save every N iterations"),
+    "--keep-last": ("checkpoint", "keep_last", int, "keep the N newest checkpoints (0 = all)"),
+    "--finetune": ("checkpoint", "finetune", bool, "load model weights only, start at iteration 0"),
+    "--no-verify-checkpoint": ("checkpoint", "verify", "store_false", "skip sha256 checks when resuming"),
+    "--log-interval": ("logging", "log_interval", int, "progress line every N iterations"),
+    "--log-jsonl": ("logging", "log_jsonl", str, "one JSON object per optimizer step"),
+    "--tensorboard-dir": ("logging", "tensorboard_dir", str, ""),
+    "--wandb-project": ("logging", "wandb_project", str, ""),
+    "--wandb-exp-name": ("logging", "wandb_exp_name", str, ""),
+    "--eval-interval": ("logging", "eval_interval", int, "validate every N iterations"),
+    "--eval-iters": ("logging", "eval_iters", int, "global batches per validation"),
+    "--peak-tflops": ("logging", "peak_tflops", float, "accelerator peak for MFU (default: known GPUs)"),
+    "--micro-batch-size": ("", "micro_batch_size", int, ""),
+    "--global-batch-size": ("", "global_batch_size", int, "default: micro-batch x data-parallel size"),
+    "--train-iters": ("", "train_iters", int, "length of the run (and of the LR schedule)"),
+    "--exit-interval": ("", "exit_interval", int, "save and exit when iteration % N == 0"),
+    "--seed": ("", "seed", int, "initialisation and data order"),
+    "--stage": ("", "stage", int, "1: projector + new token rows; 2: everything"),
+    "--stage1-train-visual-head": ("", "stage1_train_visual_head", bool, "also train the visual head in stage 1"),
+    "--bf16": ("", "bf16", bool, "bf16 autocast with fp32 master weights (GPU)"),
+    "--recompute-num-layers": ("", "recompute_num_layers", int, "activation checkpointing on the first N blocks"),
+    "--data-parallel-sharding": ("", "data_parallel_sharding", str, "none (DDP) | fsdp (FSDP2)"),
+    "--max-skipped-steps": ("", "max_skipped_steps", int, "abort after this many consecutive non-finite steps"),
+}
+_CHOICES = {"--lr-decay-style": ["cosine", "linear", "constant"], "--data-parallel-sharding": ["none", "fsdp"],
+            "--stage": [1, 2]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All training flags plus the model flags of `engine.config`. Defaults are None: unset flags fall through
+    to YAML, then to the dataclass defaults."""
+    parser = argparse.ArgumentParser(description="VPiT pretraining (stage 1 / stage 2)", allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML file setting any flag; the command line wins")
+    group = parser.add_argument_group("training")
+    for flag, (section, name, typ, help_text) in _FLAGS.items():
+        dest = _dest(section, name)
+        if typ is bool:
+            group.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+        elif typ == "store_false":
+            group.add_argument(flag, dest=dest, action="store_false", default=None, help=help_text)
+        elif typ is list:
+            group.add_argument(flag, dest=dest, nargs="+", default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=typ, default=None, choices=_CHOICES.get(flag), help=help_text)
+    add_model_args(parser)
+    return parser
+
+
+def _dest(section: str, name: str) -> str:
+    return f"{section}__{name}" if section else name
+
+
+def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    by_flag = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            by_flag[option.lstrip("-").replace("_", "-")] = action
+    defaults: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        action = by_flag.get(str(key).lstrip("-").replace("_", "-"))
+        if action is None or action.dest == "config":
+            unknown.append(str(key))
+            continue
+        if value is not None and action.type is not None and action.nargs is None:
+            value = action.type(value)
+        if action.nargs == "+" and not isinstance(value, list):
+            value = str(value).split()
+        if action.nargs == "+":
+            value = [str(v) for v in value]
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{path}: {key}: {value!r} is not one of {action.choices}")
+        defaults[action.dest] = value
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (use the flag names, e.g. micro-batch-size)")
+    return defaults
+
+
+def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Flags (+ `--config run.yaml`) -> a TrainingConfig, not yet validated against the data-parallel size."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_yaml_defaults(pre.config, parser))
+    args = parser.parse_args(argv)
+    sections: dict[str, dict[str, Any]] = {"": {}, "data": {}, "optimizer": {}, "checkpoint": {}, "logging": {}}
+    for flag, (section, name, _, _) in _FLAGS.items():
+        value = getattr(args, _dest(section, name))
+        if value is not None:
+            sections[section][name] = value
+    if not args.model_preset and args.num_layers is None:
+        args.model_preset = "tiny" if sections["data"].get("mock_data") else None
+    model = model_config_from_args(args)
+    return TrainingConfig(
+        model=model,
+        vocab_size_from_flag=args.vocab_size is not None,
+        data=DataConfig(**sections["data"]),
+        optimizer=OptimizerConfig(**sections["optimizer"]),
+        checkpoint=CheckpointConfig(**sections["checkpoint"]),
+        logging=LoggingConfig(**sections["logging"]),
+        **sections[""],
+    )
+
+
+def training_config_from_dict(data: dict[str, Any]) -> TrainingConfig:
+    """Inverse of `TrainingConfig.to_dict` (used to read the config stored in a checkpoint)."""
+    data = dict(data)
+    return TrainingConfig(
+        model=ModelConfig.from_dict(data.pop("model")),
+        data=DataConfig(**data.pop("data")),
+        optimizer=OptimizerConfig(**data.pop("optimizer")),
+        checkpoint=CheckpointConfig(**data.pop("checkpoint")),
+        logging=LoggingConfig(**data.pop("logging")),
+        **data,
+    )

@@ -1,0 +1,106 @@
+"""Process groups and model wrapping, applied from outside the single-device model (torchtitan's approach).
+
+`build_device_mesh` is the one place the mesh is made. It is 1-D ("dp",) today; tensor/pipeline parallelism
+extends it to ("pp", "dp", "tp") there, and every consumer takes the mesh (or its "dp" sub-mesh) as an argument.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class ParallelInfo:
+    """Where this process sits. `mesh` is None for a plain single-process run (no process group)."""
+
+    mesh: DeviceMesh | None
+    device: torch.device
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.dp_rank == 0
+
+    @property
+    def dp_group(self):
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
+
+def build_device_mesh(timeout_s: float = 600.0) -> ParallelInfo:
+    """Initialises the process group from torchrun's environment and builds the ("dp",) mesh: gloo on CPU,
+    NCCL on GPU. Without torchrun variables (`WORLD_SIZE` unset or 1) it returns a mesh-less single process.
+
+    Extension point for TP/PP: derive (pp, dp, tp) sizes from the config here and return a 3-D mesh; the trainer
+    only uses `mesh["dp"]`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world == 1 and not dist.is_initialized():
+        return ParallelInfo(mesh=None, device=device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return ParallelInfo(mesh=mesh, device=device, dp_rank=mesh.get_local_rank("dp"), dp_size=mesh.size(0))
+
+
+def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
+    """Recomputes the first `num_layers` transformer blocks in backward (-1: all). Uses PyTorch's
+    checkpoint_wrapper, whose state-dict hooks keep parameter names unchanged in checkpoints."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    keys = list(model.layers.keys())
+    count = len(keys) if num_layers < 0 else min(num_layers, len(keys))
+    for key in keys[:count]:
+        model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=False)
+
+
+def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool) -> nn.Module:
+    """DDP (`none`) or FSDP2 (`fsdp`, one unit per block + the root) over the dp mesh; identity on one process.
+
+    FSDP2 with bf16 uses MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 sharded master weights.
+    """
+    if info.mesh is None:
+        return model
+    dp_mesh = info.mesh["dp"] if info.mesh.ndim > 1 else info.mesh
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        for block in model.layers.values():
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
+                                   device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The VPiTModel inside a DDP wrapper (FSDP2 modifies the module in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(values: list[float], info: ParallelInfo, dtype=torch.float64) -> list[float]:
+    """Sums a few scalars over the dp group (one collective). float64 keeps token counts exact."""
+    if info.mesh is None:
+        return list(values)
+    t = torch.tensor(values, dtype=dtype, device=info.device if dist.get_backend(info.dp_group) == "nccl" else "cpu")
+    dist.all_reduce(t, group=info.dp_group)
+    return t.tolist()

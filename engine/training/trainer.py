@@ -1,0 +1,396 @@
+"""The training loop: `forward_backward_step` (one micro-batch) and `train_step` (one optimizer step over the
+global batch), with validation, checkpoints, non-finite step skipping, SIGTERM and `--exit-interval` handling.
+
+Loss normalisation. The text loss is summed over the whole global batch (all micro-batches of all data-parallel
+ranks) and divided by the global number of text targets; the visual loss likewise by the global number of visual
+targets. Counts are known from the batches before the forward (they are label/mask counts), so each micro-batch
+backpropagates `(lm_sum / N_text + coef * visual_sum / N_visual) * dp_size` (DDP/FSDP average gradients over
+ranks; the factor turns that average back into the sum). One process with global batch G and two processes with
+the same G therefore compute the same loss and gradients, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.model import VPiTModel, build_model
+from engine.training import checkpoint as ckpt
+from engine.training.config import TrainingConfig
+from engine.training.data import (
+    BlendedSamples,
+    Batch,
+    PackedDataset,
+    SyntheticDataset,
+    build_loader,
+    open_shards,
+    padded_vocab_size,
+)
+from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
+from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer
+from engine.training.parallel import ParallelInfo, all_reduce_sum, apply_activation_checkpointing, parallelize, unwrap
+
+
+class TooManySkippedSteps(RuntimeError):
+    """More consecutive non-finite steps than `--max-skipped-steps`."""
+
+
+class Trainer:
+    """Builds data, model, optimizer and schedule from a validated config, resumes from `--load`, and trains.
+
+    Args:
+        config: the run's configuration.
+        info: from `build_device_mesh()`.
+        datasets: (weight, dataset) pairs to use instead of `--data-path` / `--mock-data` (tests, benchmarks);
+            each needs the `ShardReader` interface. `vocab` must then give base_vocab_size (for stage 1).
+        vocab: base_vocab_size / image_start_id / image_end_id of `datasets`.
+    """
+
+    def __init__(self, config: TrainingConfig, info: ParallelInfo, *,
+                 datasets: Sequence[tuple[float, PackedDataset]] | None = None, vocab: dict[str, int] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.config = config
+        self.info = info
+        self.device = info.device
+        config.validate(info.dp_size)
+        self.global_batch_size = config.resolved_global_batch_size(info.dp_size)
+        self.num_micro_batches = self.global_batch_size // (config.micro_batch_size * info.dp_size)
+        self._log = log or (lambda msg: print(msg, flush=True) if info.is_main else None)
+        torch.manual_seed(config.seed)
+
+        self._open_data(datasets, vocab)
+        self._build_model()
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_total = 0
+        self.consecutive_skipped = 0
+        self._resume()
+        self.metrics = MetricsLogger(enabled=info.is_main, jsonl=config.logging.log_jsonl,
+                                     tensorboard_dir=config.logging.tensorboard_dir,
+                                     wandb_project=config.logging.wandb_project,
+                                     wandb_name=config.logging.wandb_exp_name, run_config=config.to_dict(),
+                                     resume_iteration=self.iteration)
+        self.flops_per_token = flops_per_token(self.model_config)
+        self.peak_flops = device_peak_flops(self.device, config.logging.peak_tflops)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _open_data(self, datasets, vocab) -> None:
+        c = self.config
+        self.tokenizer_dir = None
+        self.data_refs: dict[str, Any] = {}
+        if datasets is not None:
+            self.datasets = list(datasets)
+            self.vocab = vocab
+            seq_length = self.datasets[0][1].seq_length
+        elif c.data.mock_data:
+            seq = c.model.seq_length
+            docs = 1 if seq < 512 else 2
+            images = max(1, min(10, (seq // docs - 16) // 66 * docs))
+            mock = SyntheticDataset(c.data.mock_data_sequences, seq, images_per_sequence=images,
+                                    documents_per_sequence=docs, seed=c.seed)
+            self.datasets = [(1.0, mock)]
+            self.vocab = {"base_vocab_size": mock.base_vocab_size, "image_start_id": mock.image_start_id,
+                          "image_end_id": mock.image_end_id, "vocab_size": mock.vocab_size}
+            seq_length = mock.seq_length
+        else:
+            opened = open_shards(c.data.weighted_paths(), verify_checksums=c.checkpoint.verify and self.info.is_main)
+            self.datasets, self.vocab = opened.datasets, opened.vocab
+            self.tokenizer_dir, self.data_refs = opened.tokenizer_dir, opened.manifest_refs
+            seq_length = opened.seq_length
+        model = c.model
+        if seq_length != model.seq_length:
+            model = model.replace(seq_length=seq_length,
+                                  max_position_embeddings=max(model.max_position_embeddings, seq_length))
+        if self.vocab is not None and not c.vocab_size_from_flag:
+            model = model.replace(vocab_size=padded_vocab_size(self.vocab.get("vocab_size", self.vocab["image_end_id"] + 1),
+                                                               c.data.make_vocab_size_divisible_by))
+        if self.vocab is not None and model.vocab_size <= self.vocab["image_end_id"]:
+            raise ValueError(f"--vocab-size {model.vocab_size} is too small for the shards' tokenizer "
+                             f"(<image_end> is id {self.vocab['image_end_id']})")
+        self.model_config = model
+        fractions = c.data.split_fractions()
+        self.train_samples = BlendedSamples(self.datasets, fractions, 0, c.train_iters * self.global_batch_size, c.seed)
+        self.valid_samples = None
+        if c.logging.eval_interval and fractions[1] > 0:
+            self.valid_samples = BlendedSamples(self.datasets, fractions, 1,
+                                                c.logging.eval_iters * self.global_batch_size, c.seed)
+
+    def _build_model(self) -> None:
+        c = self.config
+        if c.checkpoint.load_hf:
+            from engine.convert import hf_to_chrysalis
+
+            model, hf_vocab = hf_to_chrysalis(c.checkpoint.load_hf, dtype=torch.float32,
+                                              make_vocab_size_divisible_by=c.data.make_vocab_size_divisible_by,
+                                              seed=c.seed)
+            if self.vocab is not None:
+                for key in ("base_vocab_size", "image_start_id", "image_end_id"):
+                    if hf_vocab[key] != self.vocab[key]:
+                        raise ValueError(f"--load-hf {c.checkpoint.load_hf}: {key} {hf_vocab[key]} differs from the "
+                                         f"shards' tokenizer ({self.vocab[key]}); preprocess with that model's tokenizer")
+            self.model_config = model.config.replace(seq_length=self.model_config.seq_length,
+                                                     max_position_embeddings=max(model.config.max_position_embeddings,
+                                                                                 self.model_config.seq_length))
+            model.config = self.model_config
+            model.rope.config = self.model_config
+            model = model.to(self.device)
+        else:
+            model = build_model(self.model_config, device=self.device, dtype=torch.float32, seed=c.seed)
+        self.trainable = apply_stage(model, c.stage, c.stage1_train_visual_head)
+        if c.recompute_num_layers:
+            apply_activation_checkpointing(model, c.recompute_num_layers)
+        self.model: nn.Module = parallelize(model, self.info, c.data_parallel_sharding, c.bf16)
+        self.optimizer = build_optimizer(self.model, c)
+        self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
+        self.grad_mask = None
+        if c.stage == 1:
+            base = self.vocab["base_vocab_size"] if self.vocab else self.model_config.vocab_size
+            self.grad_mask = NewRowGradientMask(self.model, base)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def core_model(self) -> VPiTModel:
+        return unwrap(self.model)
+
+    def _resume(self) -> None:
+        c = self.config
+        if not c.checkpoint.load:
+            return
+        load = Path(c.checkpoint.load)
+        if (load / "config.json").is_file() and not (load / ckpt.RECORD).is_file():
+            self._load_model_only_checkpoint(load)
+            return
+        path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
+        if path is None:
+            self._log(f"no checkpoint in {load}: starting from scratch")
+            return
+        record = ckpt.read_record(path)
+        saved_vocab = record.get("model", {}).get("vocab_size")
+        if saved_vocab is not None and saved_vocab != self.model_config.vocab_size:
+            raise ValueError(f"{path}: vocabulary {saved_vocab} differs from this run's {self.model_config.vocab_size}")
+        saved_stage = record.get("config", {}).get("stage")
+        if c.checkpoint.finetune or saved_stage != c.stage:
+            ckpt.load_checkpoint(path, model=self.model, optimizer=None, info=self.info)
+            why = "--finetune" if c.checkpoint.finetune else f"it is a stage-{saved_stage} checkpoint"
+            self._log(f"loaded model weights from {path} ({why}): optimizer, schedule and data start fresh")
+            return
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, info=self.info)
+        self.iteration = state["iteration"]
+        self.consumed_samples = state["consumed_samples"]
+        self.skipped_total = state.get("skipped_total", 0)
+        self.consecutive_skipped = state.get("consecutive_skipped", 0)
+        self.schedule.load_state_dict(state["schedule"])
+        if state.get("data") != self.train_samples.state():
+            self._log(f"WARNING: the data or its weights changed since {path}; the sample order differs from the "
+                      "original run's from here on")
+        if state.get("global_batch_size") != self.global_batch_size:
+            raise ValueError(f"{path} was trained with --global-batch-size {state.get('global_batch_size')}; resume "
+                             "with the same value")
+        self._log(f"resumed from {path} at iteration {self.iteration} ({self.consumed_samples} samples consumed)")
+
+    def _load_model_only_checkpoint(self, path: Path) -> None:
+        from engine.checkpoint_io import load_model_checkpoint
+
+        loaded, _ = load_model_checkpoint(path, dtype=torch.float32)
+        if loaded.config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"{path}: vocabulary {loaded.config.vocab_size} differs from this run's "
+                             f"{self.model_config.vocab_size}")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(strict=False))
+        self._log(f"loaded model weights from the model checkpoint {path}")
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.config.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _gradient_sync(self, enabled: bool):
+        """No gradient reduction on all but the last micro-batch of a step."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if enabled else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def forward_backward_step(self, batch: Batch, text_targets: float, visual_targets: float,
+                              sync_gradients: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch, normalised by the global target counts.
+        Returns the detached (text loss sum, visual loss sum) of this micro-batch."""
+        with self._gradient_sync(sync_gradients):
+            with self._autocast():
+                out = self.model(batch.tokens, **batch.model_inputs())
+            coef = self.model_config.visual_loss_coef
+            loss = (out.lm_loss_sum / max(text_targets, 1.0) + coef * out.visual_loss_sum / max(visual_targets, 1.0))
+            (loss * self.info.dp_size).backward()
+        return out.lm_loss_sum.detach(), out.visual_loss_sum.detach()
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches of the global batch. Skips the update (and counts it)
+        when the loss or the gradient norm is not finite."""
+        text_targets, visual_targets = all_reduce_sum(
+            [sum(b.lm_targets for b in micro_batches), sum(b.visual_targets for b in micro_batches)], self.info)
+        lm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        visual_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            lm, vis = self.forward_backward_step(batch, text_targets, visual_targets,
+                                                 sync_gradients=i == len(micro_batches) - 1)
+            lm_sum += lm.double()
+            visual_sum += vis.double()
+        lm_total, visual_total = all_reduce_sum([lm_sum.item(), visual_sum.item()], self.info)
+        lm_loss = lm_total / max(text_targets, 1.0)
+        visual_loss = visual_total / max(visual_targets, 1.0)
+        loss = lm_loss + self.model_config.visual_loss_coef * visual_loss
+        if self.grad_mask is not None:
+            self.grad_mask()
+        clip = self.config.optimizer.clip_grad or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        lr = self.schedule.lr
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.schedule.step()
+            self.consecutive_skipped = 0
+        else:
+            self.skipped_total += 1
+            self.consecutive_skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lm_loss": lm_loss, "visual_loss": visual_loss, "visual_targets": int(visual_targets),
+                "lm_tokens": int(text_targets), "lr": lr, "grad_norm": grad_norm, "skipped": not finite}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Text perplexity and mean visual cosine on the first `--eval-iters` global batches of the valid split
+        (the same batches at every evaluation, so values are comparable across the run)."""
+        if self.valid_samples is None:
+            return {}
+        self.model.eval()
+        loader = self._loader(self.valid_samples, 0, num_workers=0)
+        lm_sum = visual_sum = 0.0
+        lm_tokens = visual_targets = 0
+        for batch in loader:
+            batch = batch.to(self.device)
+            with self._autocast():
+                out = self.model(batch.tokens, **batch.model_inputs())
+            lm_sum += float(out.lm_loss_sum)
+            visual_sum += float(out.visual_loss_sum)
+            lm_tokens += batch.lm_targets
+            visual_targets += batch.visual_targets
+        self.model.train()
+        lm_sum, visual_sum, lm_tokens, visual_targets = all_reduce_sum(
+            [lm_sum, visual_sum, lm_tokens, visual_targets], self.info)
+        lm_loss = lm_sum / max(lm_tokens, 1)
+        return {"valid_lm_loss": lm_loss, "valid_ppl": math.exp(min(lm_loss, 700.0)),
+                "valid_visual_cosine": 1.0 - visual_sum / visual_targets if visual_targets else None}
+
+    # ------------------------------------------------------------------------------------------- loop
+    def _loader(self, samples: BlendedSamples, consumed: int, num_workers: int | None = None):
+        return build_loader(samples, global_batch_size=self.global_batch_size,
+                            micro_batch_size=self.config.micro_batch_size, dp_rank=self.info.dp_rank,
+                            dp_size=self.info.dp_size, consumed_samples=consumed,
+                            seq_length=self.model_config.seq_length,
+                            num_workers=self.config.data.num_workers if num_workers is None else num_workers,
+                            pin_memory=self.device.type == "cuda")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+        self._log(f"received signal {signum}: saving a checkpoint after this step, then exiting")
+
+    def _should_stop(self) -> bool:
+        """All ranks agree (one of them may have been signalled alone)."""
+        flag = float(self._stop_requested)
+        if self.info.dp_size > 1:
+            flag = all_reduce_sum([flag], self.info)[0]
+        return flag > 0
+
+    def state(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "skipped_total": self.skipped_total, "consecutive_skipped": self.consecutive_skipped,
+                "schedule": self.schedule.state_dict(), "data": self.train_samples.state(),
+                "global_batch_size": self.global_batch_size}
+
+    def save(self) -> Path:
+        c = self.config
+        record = {"config": c.to_dict(), "model": self.model_config.to_dict(), "stage": c.stage,
+                  "vocab": self.vocab, "data": self.data_refs, "consumed_samples": self.consumed_samples}
+        return ckpt.save_checkpoint(c.checkpoint.save, self.iteration, model=self.model, optimizer=self.optimizer,
+                                    trainer_state=self.state(), record=record, info=self.info,
+                                    tokenizer_dir=self.tokenizer_dir, keep_last=c.checkpoint.keep_last,
+                                    log=self._log)
+
+    def train(self) -> str:
+        """Runs until `--train-iters`, `--exit-interval` or SIGTERM. Returns why it stopped: "done", "exit-interval"
+        or "signal". Raises TooManySkippedSteps."""
+        c = self.config
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        loader = self._loader(self.train_samples, self.consumed_samples)
+        batches = iter(loader)
+        tokens_per_step = self.global_batch_size * self.model_config.seq_length
+        last_saved = None
+        reason = "done"
+        self._log(f"training {self.model_config.num_layers}-layer model, stage {c.stage}, "
+                  f"{sum(p.numel() for p in self.params):,} trainable parameters, global batch "
+                  f"{self.global_batch_size} = {self.num_micro_batches} micro-batches x {c.micro_batch_size} x "
+                  f"{self.info.dp_size} ranks, from iteration {self.iteration} to {c.train_iters}")
+        try:
+            while self.iteration < c.train_iters:
+                start = time.perf_counter()
+                micro = [next(batches).to(self.device) for _ in range(self.num_micro_batches)]
+                data_s = time.perf_counter() - start
+                result = self.train_step(micro)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_s = time.perf_counter() - start
+                self.iteration += 1
+                self.consumed_samples += self.global_batch_size
+                tps = tokens_per_step / step_s
+                record = {"iteration": self.iteration, **result, "tokens_per_sec": tps,
+                          "mfu": tps * self.flops_per_token / (self.peak_flops * self.info.dp_size)
+                          if self.peak_flops else None,
+                          "memory_gib": memory_gib(self.device), "data_wait_s": data_s, "step_s": step_s,
+                          "skipped_total": self.skipped_total, "consumed_samples": self.consumed_samples}
+                if c.logging.eval_interval and self.iteration % c.logging.eval_interval == 0:
+                    record.update(self.evaluate())
+                self.metrics.step(record)
+                if self.iteration % c.logging.log_interval == 0 or result["skipped"] or self.iteration == 1:
+                    self.metrics.progress(record, c.train_iters, 1000 * step_s)
+                    if "valid_ppl" in record:
+                        self.metrics.log(f" validation at iteration {self.iteration}: text perplexity "
+                                         f"{record['valid_ppl']:.4f}, mean visual cosine "
+                                         f"{record['valid_visual_cosine']}")
+                if self.consecutive_skipped > c.max_skipped_steps:
+                    raise TooManySkippedSteps(
+                        f"{self.consecutive_skipped} consecutive steps had a non-finite loss or gradient "
+                        f"(--max-skipped-steps {c.max_skipped_steps}); last grad norm {result['grad_norm']}")
+                stop = self._should_stop()
+                exit_now = bool(c.exit_interval and self.iteration % c.exit_interval == 0)
+                periodic = bool(c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0)
+                if c.checkpoint.save and (stop or exit_now or periodic):
+                    self.save()
+                    last_saved = self.iteration
+                if stop:
+                    reason = "signal"
+                    break
+                if exit_now and self.iteration < c.train_iters:
+                    reason = "exit-interval"
+                    self._log(f"exiting at iteration {self.iteration} (--exit-interval {c.exit_interval})")
+                    break
+            if reason == "done" and c.checkpoint.save and last_saved != self.iteration:
+                self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.metrics.close()
+        return reason
