@@ -1,0 +1,82 @@
+"""Training checkpoint -> model for generation, a model-only Chrysalis checkpoint, or Hugging Face safetensors.
+
+    python -m engine.training.export --load CKPT --output MODEL_DIR [--hf-output HF_DIR]
+
+`--load` is a training `--save` directory (its newest complete checkpoint is used) or one `iter_*` directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.training import checkpoint as ckpt
+from engine.training.parallel import ParallelInfo
+
+_VOCAB_KEYS = ("base_vocab_size", "image_start_id", "image_end_id")
+
+
+def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(VPiTModel, tokenizer or None, completion record) from a training checkpoint; single process."""
+    from engine.model import VPiTModel
+
+    path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")))
+    if path is None:
+        raise FileNotFoundError(f"no training checkpoint in {load}")
+    record = ckpt.read_record(path)
+    with torch.device("meta"):
+        model = VPiTModel(ModelConfig.from_dict(record["model"]))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.rope.reset_parameters()
+    ckpt.load_model_weights(path, model)
+    tokenizer = None
+    if (path / "tokenizer").is_dir():
+        from engine.tokenizer import load_saved_tokenizer
+
+        tokenizer = load_saved_tokenizer(path / "tokenizer")
+    return model.to(device=device, dtype=dtype), tokenizer, {**record, "path": str(path)}
+
+
+def export_training_checkpoint(load: str | Path, output: str | Path, *, hf_output: str | Path | None = None) -> Path:
+    """Writes a model-only checkpoint (engine.checkpoint_io format, tokenizer copied) and optionally exports it to
+    Hugging Face through `engine.convert.chrysalis_to_hf`."""
+    from engine.checkpoint_io import save_model_checkpoint
+
+    model, tokenizer, record = load_for_generation(load)
+    vocab = record.get("vocab") or {}
+    vocab = {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}
+    extra: dict[str, Any] = {"source": {"training_checkpoint": record["path"], "iteration": record["iteration"],
+                                        "stage": record.get("stage")}}
+    if (record.get("data") or {}).get("vision_encoder") is not None:
+        extra["vision_encoder"] = record["data"]["vision_encoder"]
+    out = save_model_checkpoint(model, output, vocab=vocab, tokenizer=tokenizer, extra=extra)
+    if hf_output is not None:
+        from engine.convert import chrysalis_to_hf
+
+        chrysalis_to_hf(out, hf_output)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--hf-output", default=None)
+    args = parser.parse_args(argv)
+    try:
+        out = export_training_checkpoint(args.load, args.output, hf_output=args.hf_output)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}" + (f" and {args.hf_output}" if args.hf_output else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
