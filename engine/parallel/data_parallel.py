@@ -1,0 +1,25 @@
+"""Data parallelism along the mesh's "dp" dimension.
+
+`none` keeps full replicas and sums gradients with bucketed all-reduces after backward
+(`ParallelVPiT.reduce_gradients`): it works unchanged with DTensor (tensor-parallel) parameters and pipeline stages.
+`fsdp` shards parameters, gradients and optimizer state with FSDP2 (`fully_shard`), one unit per transformer block.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 over `dp_mesh`, one unit per transformer block plus the root.
+
+    FSDP2 averages gradients over `dp_mesh`; `ParallelVPiT` multiplies its globally normalised loss by the dp size
+    to turn that average back into the sum (a custom divide factor would need PREMUL_SUM, which gloo lacks).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    return model

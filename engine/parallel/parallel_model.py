@@ -1,0 +1,318 @@
+"""A VPiT model placed on a (pp, dp, tp) mesh, with one `forward_backward` for every layout.
+
+    parallel = ParallelVPiT(model_config, parallel_config, mesh, device="cpu", seed=0)
+    optimizer = torch.optim.AdamW(parallel.parameters(), ...)
+    parts = parallel.forward_backward(micro_batches)     # list of batch dicts (the model's flat contract)
+    parallel.reduce_gradients(); norm = parallel.clip_grad_norm_(1.0); optimizer.step()
+
+Losses are normalised by the global number of text and visual targets of the step (all micro-batches, all
+data-parallel ranks), so every layout computes the same loss and the same gradients as one device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from engine.config import ModelConfig
+from engine.model import IGNORE_INDEX, VPiTModel
+from engine.parallel.config import ParallelConfig, validate_parallel_config
+from engine.parallel.pipeline import (
+    VPiTStage,
+    batch_major_visual,
+    build_model_part,
+    build_schedule,
+    describe_split,
+    pipeline_layer_split,
+    stage_ids_for_rank,
+)
+from engine.parallel.tensor_parallel import apply_tensor_parallel
+
+BATCH_KEYS = ("tokens", "position_ids", "document_ids", "visual_tokens", "visual_positions", "labels",
+              "visual_target_mask")
+
+
+class ParallelVPiT:
+    """The local model part(s) of this rank and how to run them.
+
+    Args:
+        mesh: the ("pp", "dp", "tp") mesh from `engine.parallel.mesh.build_device_mesh`.
+        activation_checkpointing: wrap every transformer block in activation checkpointing.
+    """
+
+    def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, mesh: DeviceMesh, *,
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int | None = 0,
+                 activation_checkpointing: bool = False):
+        validate_parallel_config(parallel, model_config, mesh.size())
+        self.config = model_config
+        self.parallel = parallel
+        self.mesh = mesh
+        self.device = torch.device(device)
+        self.pp_rank = mesh.get_local_rank("pp")
+        self.pp_size = mesh.size(mesh_dim=0)
+        self.dp_size = mesh.size(mesh_dim=1)
+        self.tp_mesh = mesh["tp"]
+        self.dp_group = mesh.get_group("dp")
+        self.pp_group = mesh.get_group("pp")
+
+        virtual = parallel.virtual_stages_per_rank(model_config.num_layers) if self.pp_size > 1 else 1
+        self.num_stages = self.pp_size * virtual
+        self.layer_split = pipeline_layer_split(model_config.num_layers, self.num_stages,
+                                                parallel.pipeline_layer_split)
+        self.stage_ids = stage_ids_for_rank(self.pp_rank, self.pp_size, virtual)
+        model_class = VPiTStage if self.pp_size > 1 else VPiTModel
+        self.parts: list[VPiTModel] = []
+        for stage in self.stage_ids:
+            part = build_model_part(model_config, self.layer_split[stage], is_first=stage == 0,
+                                    is_last=stage == self.num_stages - 1, device=self.device, dtype=dtype,
+                                    seed=seed, model_class=model_class)
+            apply_tensor_parallel(part, self.tp_mesh, parallel.sequence_parallel)
+            if activation_checkpointing:
+                apply_activation_checkpointing(part)
+            self.parts.append(part)
+        if parallel.data_parallel_sharding == "fsdp" and self.dp_size > 1:
+            from engine.parallel.data_parallel import apply_fsdp
+
+            for part in self.parts:
+                apply_fsdp(part, mesh["dp"])
+        self._schedule = None
+        self._schedule_microbatches = None
+
+    # ----------------------------------------------------------------------------------------------- info
+    def describe(self) -> str:
+        if self.pp_size == 1:
+            return f"no pipeline: layers 0-{self.config.num_layers - 1} on every rank"
+        ranks = [s % self.pp_size for s in range(self.num_stages)]
+        return f"{self.parallel.schedule_name}: " + describe_split(self.layer_split, ranks)
+
+    @property
+    def has_last_stage(self) -> bool:
+        return (self.num_stages - 1) in self.stage_ids
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen = set()
+        for part in self.parts:
+            for name, p in part.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    # ----------------------------------------------------------------------------------------------- step
+    def global_normalizers(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """Text and visual target counts of the whole step, summed over data-parallel ranks (the data is known
+        before any forward, so no pipeline stage has to wait for the last one)."""
+        counts = torch.zeros(2, dtype=torch.float64)
+        for mb in micro_batches:
+            counts[0] += (mb["labels"] != IGNORE_INDEX).sum().item()
+            mask = mb.get("visual_target_mask")
+            counts[1] += 0 if mask is None else mask.sum().item()
+        if self.dp_size > 1:
+            dist.all_reduce(counts, group=self.dp_group)
+        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+    def forward_backward(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Forward and backward over this step's micro-batches (this DP rank's share).
+
+        Returns the step's loss parts, identical on every rank: `loss`, `lm_loss`, `visual_loss` (global means) and
+        `lm_tokens`, `visual_targets` (global counts).
+        """
+        lm_norm, vis_norm = self.global_normalizers(micro_batches)
+        if self.parallel.data_parallel_sharding == "fsdp" and self.dp_size > 1:
+            # FSDP averages gradients over dp; scale so that the average is the sum we want.
+            lm_norm, vis_norm = lm_norm / self.dp_size, vis_norm / self.dp_size
+        sums = torch.zeros(4, dtype=torch.float64)  # lm_sum, lm_tokens, visual_sum, visual_targets
+        if self.pp_size == 1:
+            (model,) = self.parts
+            for mb in micro_batches:
+                parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
+                loss = parts.lm_loss_sum / lm_norm + self.config.visual_loss_coef * parts.visual_loss_sum / vis_norm
+                loss.backward()
+                sums += torch.stack([parts.lm_loss_sum.detach(), parts.lm_tokens.float(),
+                                     parts.visual_loss_sum.detach(), parts.visual_targets.float()]).double().cpu()
+        else:
+            sums += self._pipeline_forward_backward(micro_batches, lm_norm, vis_norm)
+            dist.all_reduce(sums, group=self.pp_group)  # only the last stage contributed
+        if self.dp_size > 1:
+            dist.all_reduce(sums, group=self.dp_group)
+        lm_loss = sums[0].item() / max(sums[1].item(), 1.0)
+        visual_loss = sums[2].item() / max(sums[3].item(), 1.0)
+        return {"loss": lm_loss + self.config.visual_loss_coef * visual_loss, "lm_loss": lm_loss,
+                "visual_loss": visual_loss, "lm_tokens": int(sums[1].item()), "visual_targets": int(sums[3].item())}
+
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(self.device, non_blocking=True) if t is not None else None
+
+    def _pipeline_forward_backward(self, micro_batches: list[dict], lm_norm: float, vis_norm: float) -> torch.Tensor:
+        n = len(micro_batches)
+        if self._schedule is None or self._schedule_microbatches != n:
+            self._build_schedule(n, micro_batches[0])
+        cat = {}
+        seq_len = micro_batches[0]["tokens"].shape[1]
+        visual = [batch_major_visual(mb.get("visual_tokens"), mb.get("visual_positions"), mb.get("visual_target_mask"),
+                                     mb["tokens"].shape[0], seq_len, self.config.vision_dim) for mb in micro_batches]
+        vmax = max(v[0].shape[1] for v in visual)
+        padded = [_pad_visual(v, vmax) for v in visual]
+        cat["visual_tokens"] = torch.cat([p[0] for p in padded]).to(self.device, self._dtype)
+        cat["visual_slots"] = torch.cat([p[1] for p in padded]).to(self.device)
+        cat["visual_targets"] = torch.cat([p[2] for p in padded]).to(self.device)
+        for key in ("position_ids", "document_ids", "labels"):
+            cat[key] = torch.cat([_default(mb, key) for mb in micro_batches]).to(self.device)
+        tokens = torch.cat([mb["tokens"] for mb in micro_batches]).to(self.device)
+        for part in self.parts:
+            if isinstance(part, VPiTStage):
+                part.loss_parts.clear()
+        kwargs = dict(cat, lm_normalizer=lm_norm, visual_normalizer=vis_norm)
+        target = torch.zeros(tokens.shape[0], device=self.device)
+        if 0 in self.stage_ids:
+            self._schedule.step(tokens, target=target, return_outputs=False, **kwargs)
+        else:
+            self._schedule.step(target=target, return_outputs=False, **kwargs)
+        sums = torch.zeros(4, dtype=torch.float64)
+        if self.has_last_stage:
+            last = self.parts[self.stage_ids.index(self.num_stages - 1)]
+            sums += torch.stack(last.loss_parts).sum(0).double().cpu()
+        return sums
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.parts[0].parameters()).dtype
+
+    def _build_schedule(self, num_microbatches: int, example: dict) -> None:
+        from torch.distributed.pipelining import PipelineStage
+
+        validate_parallel_config(self.parallel, self.config, self.mesh.size(), num_microbatches)
+        mb, seq = example["tokens"].shape
+        tp = self.tp_mesh.size()
+        local_seq = seq // tp if self.parallel.sequence_parallel and tp > 1 else seq
+        # requires_grad marks the received activations as needing a gradient to send back.
+        hidden = torch.empty(mb, local_seq, self.config.hidden_size, device=self.device, dtype=self._dtype,
+                             requires_grad=True)
+        stages = []
+        for stage_id, part in zip(self.stage_ids, self.parts):
+            first, last = stage_id == 0, stage_id == self.num_stages - 1
+            inputs = torch.empty(mb, seq, dtype=torch.long, device=self.device) if first else hidden
+            outputs = torch.empty((), device=self.device, dtype=torch.float32) if last else hidden
+            # Static shapes and gradient metadata: no shape-inference round trip at the first step.
+            stages.append(PipelineStage(part, stage_id, self.num_stages, self.device, input_args=(inputs,),
+                                        output_args=(outputs,), input_grads=(None if first else hidden,),
+                                        output_grads=(None if last else hidden,), group=self.pp_group))
+        interleaved = self.num_stages > self.pp_size
+        self._schedule = build_schedule(stages, num_microbatches, interleaved)
+        self._schedule_microbatches = num_microbatches
+
+    # ----------------------------------------------------------------------------------------------- grads
+    def reduce_gradients(self) -> None:
+        """Sums gradients over data-parallel replicas (losses are already normalised globally). FSDP reduces its
+        own gradients during backward."""
+        if self.dp_size == 1 or self.parallel.data_parallel_sharding == "fsdp":
+            return
+        grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
+        for bucket in _buckets(grads, 1 << 24):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.dp_group)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradients over every shard and stage."""
+        from torch.distributed.tensor import DTensor
+
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            if isinstance(g, DTensor):
+                # vector_norm on a DTensor reduces over its mesh (sharded) or not at all (replicated).
+                total += torch.linalg.vector_norm(g, dtype=torch.float64).full_tensor() ** 2
+            else:
+                total += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+        if self.pp_size > 1:
+            dist.all_reduce(total, group=self.pp_group)
+        return math.sqrt(total.item())
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        norm = self.grad_norm()
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under their whole-model names (DTensors where sharded): what DCP saves and reshards."""
+        state = {}
+        for part in self.parts:
+            state.update(part.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for part in self.parts:
+            own = part.state_dict()
+            missing = [k for k in own if k not in state]
+            if missing:
+                raise KeyError(f"state dict lacks {len(missing)} tensors of this rank, e.g. {missing[:3]}")
+            part.load_state_dict({k: state[k] for k in own})
+
+
+def apply_activation_checkpointing(model: VPiTModel) -> None:
+    """Recompute each transformer block in backward instead of storing its activations."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name in list(model.layers.keys()):
+        model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _buckets(tensors: list[torch.Tensor], max_elements: int):
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and (size + t.numel() > max_elements or t.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
+
+
+def _default(mb: dict, key: str) -> torch.Tensor:
+    if mb.get(key) is not None:
+        return mb[key]
+    b, s = mb["tokens"].shape
+    if key == "position_ids":
+        return torch.arange(s).expand(b, s)
+    return torch.zeros(b, s, dtype=torch.long)
+
+
+def _pad_visual(visual, vmax: int):
+    tokens, slots, targets = visual
+    pad = vmax - tokens.shape[1]
+    if pad == 0:
+        return tokens, slots, targets
+    b = tokens.shape[0]
+    return (torch.cat([tokens, tokens.new_zeros(b, pad, tokens.shape[2])], 1),
+            torch.cat([slots, slots.new_full((b, pad), -1)], 1),
+            torch.cat([targets, targets.new_zeros(b, pad)], 1))

@@ -1,0 +1,87 @@
+"""Tensor and sequence parallelism for the VPiT model, applied from outside with DTensor plans.
+
+Plans are keyed on the module names of `engine.model` (torchtitan's approach): the model stays single-device code.
+
+Layout (TP size t, sequence length S):
+- `tok_embeddings`: vocabulary-parallel (rows sharded), output all-reduced to a replicated [B, S, H] so that visual
+  tokens can be spliced into their slots by flat index; with sequence parallelism the first layer then keeps only
+  its [B, S/t, H] chunk (a local slice, no communication). Megatron reduce-scatters here instead; the all-reduce
+  costs one extra [B, S, H] exchange per step and keeps splicing free of sequence-shard bookkeeping.
+- attention: wq/wk/wv column-parallel (query heads and KV groups sharded), wo row-parallel.
+- SwiGLU: w1/w3 column-parallel, w2 row-parallel.
+- projector and continuous-token head: fc1 column-parallel, fc2 row-parallel (replicated outputs).
+- `output` (LM head): column-parallel with the logits left sharded on the vocabulary, consumed by
+  `engine.model.losses.text_cross_entropy_sum`'s vocabulary-parallel cross-entropy: no rank holds full logits.
+- `--sequence-parallel`: RMSNorms run on [B, S/t, H] chunks; attention and MLP inputs are all-gathered and their
+  row-parallel outputs reduce-scattered. The final norm's output is gathered so that loss rows can be selected.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def _block_plan(sequence_parallel: bool, first_block: bool) -> dict:
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=residual),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=residual),
+    }
+    if sequence_parallel:
+        # TransformerBlock.forward(x, rope, mask, kv_cache); Attention.forward(x, rope, mask, kv_cache).
+        plan.update({
+            "attention_norm": SequenceParallel(),
+            "ffn_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+        if first_block:
+            # The embedding output is replicated; keep this rank's sequence chunk (a slice, no communication).
+            plan[""] = PrepareModuleInput(input_layouts=(Replicate(), None, None, None),
+                                          desired_input_layouts=(Shard(1), None, None, None), use_local_output=True)
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+    """Shards `model` (a whole VPiTModel or a pipeline stage of one) over the 1-D `tp_mesh`, in place."""
+    if tp_mesh.size() == 1:
+        return model
+    plan: dict = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.projector is not None:
+        plan["projector.fc1"] = ColwiseParallel()
+        plan["projector.fc2"] = RowwiseParallel()
+    if model.visual_head is not None:
+        plan["visual_head.fc1"] = ColwiseParallel()
+        plan["visual_head.fc2"] = RowwiseParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+    if model.norm is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, plan)
+    if model.norm is not None and sequence_parallel:
+        parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+    for i, (name, block) in enumerate(model.layers.items()):
+        first = i == 0 and model.tok_embeddings is not None
+        parallelize_module(block, tp_mesh, _block_plan(sequence_parallel, first))
+    # parallelize_module replaced the parameters with DTensors: re-share a tied LM head (same Shard(0) layout).
+    model.tie_weights()
+    return model
