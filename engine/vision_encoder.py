@@ -81,7 +81,8 @@ def decode_image_pil(data: bytes, image_size: int) -> torch.Tensor:
         raise ImageDecodeError("image_not_decodable", "not a decodable image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as error:
         text = str(error)
-        if "truncated" in text or "premature end" in text.lower() or "broken data stream" in text:
+        lowered = text.lower()
+        if "truncat" in lowered or "premature end" in lowered or "broken data stream" in lowered:
             raise ImageDecodeError("image_truncated", f"truncated image ({text})") from None
         raise ImageDecodeError("image_not_decodable", f"image cannot be decoded ({text})") from None
     except Image.DecompressionBombError as error:

@@ -42,7 +42,8 @@ def document_texts(sequence: PackedSequence, tokenizer, tokens_per_image: int) -
     return texts
 
 
-def print_summary(manifest: dict, file=sys.stdout) -> None:
+def print_summary(manifest: dict, file=None) -> None:
+    file = file or sys.stdout
     counts = manifest["counts"]
     encoder = manifest["vision_encoder"]
     print(f"format_version {manifest['format_version']}, seq_length {manifest['seq_length']}, "
@@ -62,7 +63,8 @@ def print_summary(manifest: dict, file=sys.stdout) -> None:
           f"{len(manifest['embeddings']['segments'])} segments", file=file)
 
 
-def print_sequence(out: Path, manifest: dict, index: int, file=sys.stdout) -> None:
+def print_sequence(out: Path, manifest: dict, index: int, file=None) -> None:
+    file = file or sys.stdout
     from engine.tokenizer import load_saved_tokenizer
 
     reader = ShardReader(out)
@@ -96,7 +98,8 @@ def print_sequence(out: Path, manifest: dict, index: int, file=sys.stdout) -> No
         print(f"\n=== padding: {padding} tokens", file=file)
 
 
-def inspect_build(path: str | Path, sequence: int | None = None, file=sys.stdout) -> None:
+def inspect_build(path: str | Path, sequence: int | None = None, file=None) -> None:
+    file = file or sys.stdout
     out = build_dir_of(path)
     manifest = load_manifest(out, check_sha256=False)
     print_summary(manifest, file)
