@@ -220,7 +220,8 @@ class ShardProcessor:
             conversation = parse_record(raw.value, raw.line)
             record_id = conversation.id
             encoded = encode_conversation(conversation.turns, self.tokenizer, config.chat_template, TOKENS_PER_IMAGE)
-            end, truncated = fit_to_length(encoded, config.seq_length, TOKENS_PER_IMAGE, config.overlong)
+            end, truncated = fit_to_length(encoded, config.seq_length, TOKENS_PER_IMAGE, config.overlong,
+                                           [turn.role for turn in conversation.turns])
             kept = [span for span in encoded.images if span.slot_start + TOKENS_PER_IMAGE < end]
             hashes = []
             for span in kept:

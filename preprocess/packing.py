@@ -40,13 +40,13 @@ class Document:
         return int(self.tokens.shape[0])
 
 
-def fit_to_length(encoded: EncodedConversation, seq_length: int, tokens_per_image: int, overlong: str
-                  ) -> tuple[int, bool]:
+def fit_to_length(encoded: EncodedConversation, seq_length: int, tokens_per_image: int, overlong: str,
+                  turn_roles: list[str] | None = None) -> tuple[int, bool]:
     """How many leading tokens of `encoded` to keep, and whether that truncates it.
 
     Rules for a conversation longer than `seq_length` under `--overlong truncate`:
-      1. Cut at the last turn boundary that fits, if the kept part has a training target and fills at least
-         half of the sequence (a clean cut that loses little beats half an answer).
+      1. Cut at the end of the last assistant turn that fits (any turn when `turn_roles` is None), if the kept
+         part fills at least half of the sequence (a clean cut that loses little beats half an answer).
       2. Otherwise cut at `seq_length`, moved back to the start of an image block if it would split one
          (a text boundary), if the kept part has a training target.
       3. Otherwise the sample cannot be truncated: RecordError("overlong_untruncatable").
@@ -62,7 +62,8 @@ def fit_to_length(encoded: EncodedConversation, seq_length: int, tokens_per_imag
     def has_target(end: int) -> bool:
         return end > 0 and targets[end - 1] > 0
 
-    turn_ends = [start for start in encoded.turn_starts[1:] if start <= seq_length]
+    turn_ends = [start for index, start in enumerate(encoded.turn_starts[1:])
+                 if start <= seq_length and (turn_roles is None or turn_roles[index] == "assistant")]
     if turn_ends and turn_ends[-1] * 2 >= seq_length and has_target(turn_ends[-1]):
         return turn_ends[-1], True
     cut = seq_length

@@ -330,3 +330,24 @@ def test_truncation_keeps_whole_image_blocks_and_is_counted(data, tmp_path):
     assert factory.run_cli(args) == 0
     manifest = json.loads((out_drop / "manifest.json").read_text())
     assert manifest["skipped"] == {"overlong_dropped": 1} and manifest["counts"]["samples_written"] == 1
+
+
+def test_bundled_sample_dataset_builds(tmp_path):
+    """The README demo: examples/data/sample with the bundled tokenizer; every family, a tar, bad records."""
+    repo = Path(__file__).resolve().parents[1]
+    sample = repo / "examples" / "data" / "sample"
+    files = [p for p in (sample / "images").rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 30_000 for p in files) and sum(p.stat().st_size for p in files) < 400_000
+    out = tmp_path / "demo"
+    args = ["build", "--input", str(sample / "samples.jsonl"), "--input", str(sample / "bad_samples.jsonl"),
+            "--image-root", str(sample / "images"), "--tokenizer-type", "tiktoken",
+            "--tokenizer-model", str(repo / "examples" / "data" / "tokenizer" / "tokenizer.model"),
+            "--vision-encoder", "tiny-random", "--image-decoder", "pil", "--seq-length", "1024",
+            "--output", str(out), "--no-progress"]
+    assert factory.run_cli(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = {json.loads(line)["id"] for line in (out / "shards/shard-00000.documents.jsonl").read_text().splitlines()}
+    assert {"vqa-0", "vqa-wds-1", "video-0", "t2i-0", "thinking-0", "edit-0", "text-0"} <= ids
+    assert manifest["skipped"] == {"image_count_mismatch": 1, "malformed_json": 1, "path_outside_root": 1}
+    assert manifest["counts"]["images"] == manifest["counts"]["unique_images"] + 1  # vqa-dup reuses a photo
+    assert factory.run_cli(["verify", str(out)]) == 0
