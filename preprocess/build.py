@@ -191,11 +191,18 @@ class ShardProcessor:
         self.config = config
         self.input_names = input_names
         self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
-        self.backend = backend or build_backend(config)
+        self._backend = backend
         self.source = ImageSource(config.image_root, config.embeddings_dir)
         self.out = Path(config.output)
         self.progress = progress or (lambda samples, tokens, images: None)
         self.completed = 0
+
+    @property
+    def backend(self):
+        """Built on first use: a worker that only meets text never loads the encoder (seconds per process)."""
+        if self._backend is None:
+            self._backend = build_backend(self.config)
+        return self._backend
 
     # -- record level -------------------------------------------------------------------------------------
     def _reject(self, state: _ShardState, line: int, record_id: str | None, error: Exception) -> None:
