@@ -136,3 +136,15 @@ def test_tiny_random_encoder_is_seeded_and_keeps_the_real_width():
     pixels = torch.rand(2, 3, first.image_size, first.image_size, generator=torch.Generator().manual_seed(1))
     assert torch.equal(first.encode_pixels(pixels), second.encode_pixels(pixels))
     assert np.isfinite(first.encode_pixels(pixels).float().numpy()).all()
+
+
+def test_local_siglip_directory_loads_without_download(tmp_path):
+    from engine.vision_encoder import build_random_siglip, build_vision_encoder
+
+    build_random_siglip("tiny-random").save_pretrained(tmp_path / "siglip")
+    local = build_vision_encoder(str(tmp_path / "siglip"), device="cpu", decoder="pil")
+    tiny = build_vision_encoder("tiny-random", device="cpu", decoder="pil")
+    pixels = torch.rand(1, 3, 168, 168, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(local.encode_pixels(pixels), tiny.encode_pixels(pixels))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        build_vision_encoder("google/siglip-so400m-patch14-384", device="cpu")
