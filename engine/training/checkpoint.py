@@ -42,8 +42,8 @@ FORMAT = "chrysalis-training-checkpoint"
 FORMAT_VERSION = 1
 RECORD = "chrysalis_train.json"
 LATEST = "latest"
-# Test-only: seconds to sleep after the DCP files are written and before the completion record, so a test can
-# SIGKILL the trainer in the middle of a save.
+# Test-only: "SECONDS" or "ITERATION:SECONDS" to sleep after the DCP files are written and before the completion
+# record (of every save, or of the save of ITERATION), so a test can SIGKILL the trainer in the middle of a save.
 _TEST_SLEEP_ENV = "CHRYSALIS_TEST_SLEEP_IN_SAVE"
 
 
@@ -119,8 +119,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, *, model: nn.Module, o
     dcp.save(state, checkpoint_id=str(path), process_group=info.dp_group)
     if info.is_main and tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, path / "tokenizer")
-    if os.environ.get(_TEST_SLEEP_ENV):
-        time.sleep(float(os.environ[_TEST_SLEEP_ENV]))
+    _test_sleep(iteration)
     _barrier(info)
     # Each rank hashes a share of the files, so hashing time does not grow with the world size.
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
@@ -141,6 +140,15 @@ def save_checkpoint(save_dir: str | Path, iteration: int, *, model: nn.Module, o
         log(f"saved checkpoint {path} in {time.perf_counter() - start:.1f}s")
     _barrier(info)
     return path
+
+
+def _test_sleep(iteration: int) -> None:
+    value = os.environ.get(_TEST_SLEEP_ENV)
+    if not value:
+        return
+    when, _, seconds = value.rpartition(":")
+    if not when or int(when) == iteration:
+        time.sleep(float(seconds))
 
 
 def _fsync_dir(path: Path) -> None:

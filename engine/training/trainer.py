@@ -307,7 +307,8 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
-        self._log(f"received signal {signum}: saving a checkpoint after this step, then exiting")
+        print(f"[rank {self.info.dp_rank}] received signal {signum}: saving a checkpoint after this step, then exiting",
+              flush=True)
 
     def _should_stop(self) -> bool:
         """All ranks agree (one of them may have been signalled alone)."""
