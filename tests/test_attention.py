@@ -201,3 +201,20 @@ def test_sdpa_dense_mask_equals_explicit_softmax():
     ref = F.softmax((q @ k.transpose(-1, -2)) / 8 ** 0.5 + torch.where(document_causal_mask(docs), 0.0,
                                                                          float("-inf")), -1) @ v
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_flex_model_decodes_with_kv_cache_and_refuses_packed_cache():
+    from engine.model.llama import LayerKVCache
+
+    cfg = preset("tiny").replace(attention_backend="flex")
+    model = build_model(cfg, seed=3).eval()
+    tokens = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = [LayerKVCache(1, cfg.num_query_groups, 16, cfg.head_dim, torch.float32, torch.device("cpu"))
+                  for _ in range(cfg.num_layers)]
+        model(tokens[:, :6], kv_caches=caches)
+        stepped = [model(tokens[:, i:i + 1], kv_caches=caches) for i in range(6, 9)]
+    torch.testing.assert_close(torch.cat(stepped, 1), full[:, 6:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="document_ids cannot be combined with kv_caches"):
+        model(tokens[:, :1], document_ids=torch.zeros(1, 1, dtype=torch.long), kv_caches=caches)

@@ -6,33 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_launch import REPO, torchrun
 
 HARNESS = Path(__file__).with_name("parallel_harness.py")
-REPO = HARNESS.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_layout(tmp_path: Path, nproc: int, *flags: str) -> dict:
     out = tmp_path / f"result-{nproc}-{'_'.join(f.strip('-') for f in flags) or 'single'}.json"
+    args = list(flags) + ["--out", str(out)]
     if nproc == 1:
-        cmd = [sys.executable, str(HARNESS)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        result = subprocess.run([sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=600,
+                                env=env, cwd=REPO)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), str(HARNESS)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(cmd + list(flags) + ["--out", str(out)], capture_output=True, text=True, timeout=600,
-                            env=env, cwd=REPO)
+        result = torchrun(HARNESS, nproc, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return json.loads(out.read_text())
 

@@ -3,11 +3,7 @@ vocabulary-parallel cross-entropy against the dense reference."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +11,7 @@ import torch
 from engine.config import preset
 from engine.parallel import ParallelConfig, validate_parallel_config
 from engine.parallel.pipeline import batch_major_visual, pipeline_layer_split, stage_ids_for_rank
-
-REPO = Path(__file__).resolve().parents[1]
+from distributed_launch import torchrun
 
 
 def errors_for(model_overrides=None, world=4, microbatches=None, **parallel):
@@ -115,9 +110,6 @@ VOCAB_PARALLEL_SCRIPT = textwrap.dedent("""
 def test_vocab_parallel_cross_entropy_matches_dense(tmp_path, world):
     script = tmp_path / "vocab_parallel.py"
     script.write_text(VOCAB_PARALLEL_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                             "--master-port", "0", str(script)], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=REPO)
+    result = torchrun(script, world, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "vocab-parallel ok" in result.stdout

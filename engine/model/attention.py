@@ -5,7 +5,9 @@ Both backends compute causal attention that never crosses a document boundary, g
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention`, the portable numerical reference. With one document
   per row it uses `is_causal=True` (no mask tensor); with packing it materialises a [B, 1, S, S] boolean mask.
 - `flex`: FlexAttention with a document-causal `BlockMask`, which skips fully-masked blocks instead of
-  materialising a mask. Compiled on GPU; eager (unfused, but exact) on CPU, where compiling costs more than it saves.
+  materialising a mask. Compiled on GPU. On CPU, torch has no FlexAttention backward: forward-only calls run eager
+  flex (unfused, exact), and calls that need gradients fall back to sdpa with the equivalent dense mask, so
+  `--attention-backend flex` configurations still train (slowly) in the CPU test layouts.
 
 The mask is built once per forward by `build_attention_mask` and shared by every layer.
 """
@@ -29,11 +31,19 @@ class AttentionMask:
         backend: "sdpa" or "flex".
         dense: for sdpa, a [B, 1, Sq, Sk] bool mask (True = attend), or None for plain causal attention.
         block_mask: for flex, a `BlockMask`.
+        document_ids: for flex, the [B, S] ids the block mask came from (for the dense CPU-training fallback).
     """
 
     backend: str
     dense: torch.Tensor | None = None
     block_mask: Any = None
+    document_ids: torch.Tensor | None = None
+
+    def dense_fallback(self) -> torch.Tensor | None:
+        """The dense equivalent of a flex mask (None = plain causal), built once and shared by all layers."""
+        if self.dense is None and self.document_ids is not None:
+            self.dense = document_causal_mask(self.document_ids)
+        return self.dense
 
 
 def document_causal_mask(document_ids: torch.Tensor, key_document_ids: torch.Tensor | None = None,
@@ -75,7 +85,7 @@ def build_attention_mask(backend: str, document_ids: torch.Tensor | None, batch:
                 return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
             batch_dim = batch
         block_mask = create_block_mask(mask_mod, batch_dim, None, seq_len, seq_len, device=device)
-        return AttentionMask("flex", block_mask=block_mask)
+        return AttentionMask("flex", block_mask=block_mask, document_ids=document_ids)
     raise ValueError(f"unknown attention backend {backend!r}; choose 'sdpa' or 'flex'")
 
 
@@ -107,7 +117,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """
     enable_gqa = q.shape[1] != k.shape[1]
     if mask.backend == "flex":
-        return _flex_attention(q, k, v, mask.block_mask, enable_gqa)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if q.is_cuda or not needs_grad:
+            return _flex_attention(q, k, v, mask.block_mask, enable_gqa)
+        mask = AttentionMask("sdpa", dense=mask.dense_fallback())
     if mask.dense is None:
         # Plain causal; with a KV cache (Sq < Sk) the queries are the last Sq keys.
         if q.shape[2] == k.shape[2]:

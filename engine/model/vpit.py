@@ -182,7 +182,14 @@ class VPiTModel(nn.Module):
             start = kv_caches[0].length if kv_caches else 0
             position_ids = torch.arange(start, start + s, device=h.device).expand(b, s)
         rope = self.rope(position_ids, h.dtype)
-        mask = build_attention_mask(self.config.attention_backend, document_ids, b, s, h.device)
+        if kv_caches:
+            # Incremental decoding: queries are the last s keys; `attend` applies the causal offset. Packed
+            # documents are a training-time layout and have no meaning against a cache.
+            if document_ids is not None:
+                raise ValueError("document_ids cannot be combined with kv_caches (decode one document per row)")
+            mask = build_attention_mask("sdpa", None, b, s, h.device)
+        else:
+            mask = build_attention_mask(self.config.attention_backend, document_ids, b, s, h.device)
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, rope, mask, kv_caches[i] if kv_caches else None)
         if self.norm is None:
