@@ -31,6 +31,8 @@ class DataConfig:
         split: train,valid,test proportions of each dataset's packed sequences (contiguous ranges, as Megatron).
         mock_data: train on `SyntheticDataset` instead of shards (Megatron's `--mock-data`).
         make_vocab_size_divisible_by: Megatron's vocabulary padding (times the tensor-parallel size).
+        verify_checksums: the main rank re-hashes every shard file against its manifest at start (the others
+            check sizes); turn off for multi-terabyte builds already checked with `python -m preprocess verify`.
     """
 
     data_path: list[str] = field(default_factory=list)
@@ -39,6 +41,7 @@ class DataConfig:
     mock_data: bool = False
     mock_data_sequences: int = 4096
     make_vocab_size_divisible_by: int = 128
+    verify_checksums: bool = True
 
     def split_fractions(self) -> tuple[float, float, float]:
         parts = [float(p) for p in self.split.replace("/", ",").split(",")]
@@ -202,6 +205,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--mock-data": ("data", "mock_data", bool, "synthetic packed sequences instead of shards"),
     "--mock-data-sequences": ("data", "mock_data_sequences", int, "size of the synthetic dataset"),
     "--make-vocab-size-divisible-by": ("data", "make_vocab_size_divisible_by", int, "vocabulary padding"),
+    "--no-verify-data-checksums": ("data", "verify_checksums", "store_false", "skip sha256 of shards at start"),
     "--lr": ("optimizer", "lr", float, "peak learning rate"),
     "--min-lr": ("optimizer", "min_lr", float, "final learning rate of the decay"),
     "--lr-warmup-fraction": ("optimizer", "lr_warmup_fraction", float, "warm-up as a fraction of the decay"),

@@ -451,16 +451,20 @@ def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums
     if len(set(lengths.values())) > 1:
         raise ValueError(f"--data-path mixes sequence lengths {lengths}; rebuild with one --seq-length")
     first = datasets[0][1]
-    tokenizer_dir = first.out_dir / "tokenizer"
+    info = first.manifest.get("tokenizer") or {}
+    tokenizer_dir = first.out_dir / info.get("dir", "tokenizer")
+    if not tokenizer_dir.is_dir():
+        tokenizer_dir = None
     vocab = None
-    if (tokenizer_dir / "tokenizer_config.json").is_file():
+    if all(k in info for k in ("base_vocab_size", "image_start_id", "image_end_id")):
+        vocab = {k: int(info[k]) for k in ("base_vocab_size", "image_start_id", "image_end_id")}
+        vocab["vocab_size"] = int(info.get("vocab_size", vocab["image_end_id"] + 1))
+    elif tokenizer_dir is not None:
         from engine.tokenizer import load_saved_tokenizer
 
         tokenizer = load_saved_tokenizer(tokenizer_dir)
         vocab = {"base_vocab_size": tokenizer.base_vocab_size, "image_start_id": tokenizer.image_start_id,
                  "image_end_id": tokenizer.image_end_id, "vocab_size": tokenizer.vocab_size}
-    else:
-        tokenizer_dir = None
     refs = {"tokenizer_fingerprint": next(iter(tokenizer_prints.values())),
             "vision_encoder": _manifest_field(first.manifest, "vision_encoder"),
             "builds": [str(Path(p).resolve()) for _, p in weighted_paths]}

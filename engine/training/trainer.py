@@ -102,7 +102,18 @@ class Trainer:
                           "image_end_id": mock.image_end_id, "vocab_size": mock.vocab_size}
             seq_length = mock.seq_length
         else:
-            opened = open_shards(c.data.weighted_paths(), verify_checksums=c.checkpoint.verify and self.info.is_main)
+            opened, error = None, None
+            try:
+                opened = open_shards(c.data.weighted_paths(),
+                                     verify_checksums=c.data.verify_checksums and self.info.is_main)
+            except (ValueError, OSError) as err:  # ManifestError is a ValueError
+                error = f"{err}"
+            errors = [error]
+            if self.info.dp_size > 1:  # every rank fails together instead of hanging in the next collective
+                errors = [None] * self.info.dp_size
+                dist.all_gather_object(errors, error, group=self.info.dp_group)
+            if any(errors):
+                raise ValueError(f"--data-path: {next(e for e in errors if e)}")
             self.datasets, self.vocab = opened.datasets, opened.vocab
             self.tokenizer_dir, self.data_refs = opened.tokenizer_dir, opened.manifest_refs
             seq_length = opened.seq_length

@@ -1,0 +1,118 @@
+"""End to end on real preprocess shards: build the bundled sample with the tiny random encoder, train stage 1 then
+stage 2, check the checkpoint's tokenizer copy and vision-encoder reference, and the shard integrity checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain_gpt_vision
+from engine.training import Trainer, build_device_mesh, parse_training_config
+from engine.training import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "build"
+    cmd = [sys.executable, "-m", "preprocess", "build", "--input", str(SAMPLE / "samples.jsonl"),
+           "--image-root", str(SAMPLE / "images"), "--tokenizer-type", "tiktoken",
+           "--tokenizer-model", str(ROOT / "examples/data/tokenizer/tokenizer.model"), "--chat-template", "llama3",
+           "--vision-encoder", "tiny-random", "--seq-length", "512", "--workers", "1", "--output", str(out),
+           "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def args(build: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(build), "--split", "100,0,0", "--model-preset", "tiny", "--micro-batch-size", "1",
+            "--global-batch-size", "2", "--lr", "2e-3", "--lr-warmup-iters", "1", "--num-workers", "0",
+            "--log-interval", "100", "--seed", "3", *extra]
+
+
+def test_stage1_then_stage2_on_real_shards(build, tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    assert pretrain_gpt_vision.main(args(build, "--stage", "1", "--train-iters", "3", "--save", str(s1),
+                                         "--log-jsonl", str(tmp_path / "s1.jsonl"))) == 0
+    manifest = json.loads((build / "manifest.json").read_text())
+    record = ckpt.read_record(s1 / "iter_0000003")
+    assert record["model"]["vocab_size"] == 896  # 837 = 835 + 2 image tokens, padded to a multiple of 128
+    assert record["model"]["seq_length"] == 512
+    assert record["vocab"]["image_start_id"] == manifest["tokenizer"]["image_start_id"]
+    assert record["data"]["vision_encoder"] == manifest["vision_encoder"]
+    assert record["data"]["tokenizer_fingerprint"] == manifest["tokenizer"]["fingerprint"]
+    from engine.tokenizer import load_saved_tokenizer
+
+    assert load_saved_tokenizer(s1 / "iter_0000003" / "tokenizer").fingerprint() == manifest["tokenizer"]["fingerprint"]
+    rows = [json.loads(line) for line in (tmp_path / "s1.jsonl").read_text().splitlines()]
+    assert all(r["visual_targets"] >= 0 and r["lm_tokens"] > 0 for r in rows)
+
+    assert pretrain_gpt_vision.main(args(build, "--stage", "2", "--train-iters", "2", "--load", str(s1),
+                                         "--save", str(s2))) == 0
+    from engine.training.export import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(s2)
+    assert tokenizer is not None and tokenizer.image_start_id == 835
+    assert model.config.vocab_size == 896
+
+
+def test_visual_targets_come_from_response_images(build):
+    t = Trainer(parse_training_config(args(build, "--train-iters", "3")), build_device_mesh())
+    reader = t.datasets[0][1]
+    responses = sum(int(reader[i].image_is_response.sum()) for i in range(len(reader)))
+    assert responses > 0
+    total = sum(b.visual_targets for b in t._loader(t.train_samples, 0))
+    # 3 steps x 2 sequences read every sequence at least once, and exactly 64 targets per response image.
+    assert total > 0 and total % 64 == 0
+
+
+def test_flipped_byte_in_a_shard_is_named(build, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(build, broken)
+    target = next((broken / "shards").glob("shard-*.loss_mask.bin"))
+    data = bytearray(target.read_bytes())
+    data[0] ^= 1
+    target.write_bytes(bytes(data))
+    config = parse_training_config(args(broken, "--train-iters", "1"))
+    with pytest.raises(ValueError, match=target.name):
+        Trainer(config, build_device_mesh())
+
+
+def test_mixed_tokenizer_builds_are_refused(build, tmp_path):
+    from preprocess.manifest import serialize_manifest
+
+    other = tmp_path / "other"
+    shutil.copytree(build, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_bytes(serialize_manifest(manifest))
+    config = parse_training_config(["--data-path", "0.5", str(build), "0.5", str(other),
+                                    *args(build, "--train-iters", "1")[2:]])
+    with pytest.raises(ValueError, match="different tokenizers"):
+        Trainer(config, build_device_mesh())
+
+
+def test_load_hf_starts_from_a_hugging_face_llama(build, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(vocab_size=835, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    t = Trainer(parse_training_config(args(build, "--train-iters", "1", "--load-hf", str(tmp_path / "hf"))),
+                build_device_mesh())
+    assert t.model_config.hidden_size == 64 and t.model_config.vocab_size == 896
+    assert t.train() == "done"
+    bad = transformers.LlamaConfig(vocab_size=900, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, max_position_embeddings=512)
+    transformers.LlamaForCausalLM(bad).save_pretrained(tmp_path / "hf_bad", safe_serialization=True)
+    with pytest.raises(ValueError, match="base_vocab_size"):
+        Trainer(parse_training_config(args(build, "--train-iters", "1", "--load-hf", str(tmp_path / "hf_bad"))),
+                build_device_mesh())
