@@ -81,7 +81,7 @@ class MetricsLogger:
 
     def __init__(self, *, enabled: bool, jsonl: str | None, tensorboard_dir: str | None,
                  wandb_project: str | None, wandb_name: str | None, run_config: dict[str, Any],
-                 resume_iteration: int = 0, stream: TextIO = sys.stdout):
+                 resume_iteration: int = 0, stream: TextIO | None = None):
         self.enabled = enabled
         self.stream = stream
         self.jsonl = None
@@ -123,7 +123,7 @@ class MetricsLogger:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            print(message, file=self.stream, flush=True)
+            print(message, file=self.stream or sys.stdout, flush=True)
 
     def step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
