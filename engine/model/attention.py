@@ -64,6 +64,27 @@ def document_causal_mask(document_ids: torch.Tensor, key_document_ids: torch.Ten
     return (same_doc & causal).unsqueeze(1)
 
 
+def key_padding_causal_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Dense [B, 1, Sq, Sk] bool mask for incremental decoding of left-padded rows.
+
+    Query i (the last Sq keys are the queries) sees key j iff j <= i and key j is a real token. A padding query
+    also sees itself: a query with every key masked makes sdpa return NaN, and that NaN would be written into
+    the KV cache (and reach real tokens through 0 * NaN in the value product).
+
+    Args:
+        key_mask: [B, Sk] bool, True for real tokens, over the cached keys plus this step's.
+        num_queries: Sq, the tokens of this step.
+    """
+    sk = key_mask.shape[1]
+    device = key_mask.device
+    query_positions = torch.arange(sk - num_queries, sk, device=device)[:, None]  # [Sq, 1]
+    key_positions = torch.arange(sk, device=device)[None, :]  # [1, Sk]
+    causal = query_positions >= key_positions  # [Sq, Sk]
+    itself = query_positions == key_positions
+    # [B, 1, 1, Sk] & [Sq, Sk] -> [B, 1, Sq, Sk]
+    return (key_mask.bool()[:, None, None, :] & causal) | itself
+
+
 def build_attention_mask(backend: str, document_ids: torch.Tensor | None, batch: int, seq_len: int,
                          device: torch.device) -> AttentionMask:
     """Builds the per-forward mask for `backend` ("sdpa" or "flex")."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.model.attention import build_attention_mask
+from engine.model.attention import AttentionMask, build_attention_mask, key_padding_causal_mask
 from engine.model.llama import LayerKVCache, RMSNorm, RotaryEmbedding, TransformerBlock
 from engine.model.losses import text_cross_entropy_sum, visual_cosine_loss_sum
 
@@ -156,6 +156,7 @@ class VPiTModel(nn.Module):
         labels: torch.Tensor | None = None,
         visual_target_mask: torch.Tensor | None = None,
         kv_caches: list[LayerKVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | VPiTLoss:
         """Runs the model (or this pipeline stage of it).
 
@@ -169,6 +170,9 @@ class VPiTModel(nn.Module):
             visual_target_mask: [V] bool; slot v is a response-image slot whose token is predicted at its
                 position - 1. None means no visual targets.
             kv_caches: one `LayerKVCache` per layer for incremental decoding (generation).
+            attention_mask: [B, cache length + S] bool, True for real tokens; only with `kv_caches`. Keys where it
+                is False (the left padding of shorter prompts in a batch) are never attended to, and the default
+                position ids count real tokens only, so a left-padded row starts at position 0.
         Returns:
             hidden states [B, S, H] on a stage without a head; final-normed hidden states when there is a norm but
             no labels; a `VPiTLoss` with labels.
@@ -178,16 +182,30 @@ class VPiTModel(nn.Module):
         else:
             h = tokens
         b, s = h.shape[:2]
+        if attention_mask is not None:
+            if not kv_caches:
+                raise ValueError("attention_mask is for incremental decoding with kv_caches; without a cache, "
+                                 "mask padded or packed rows with document_ids")
+            if attention_mask.shape != (b, kv_caches[0].length + s):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(b, kv_caches[0].length + s)} (batch, cached tokens + new tokens)")
         if position_ids is None:
-            start = kv_caches[0].length if kv_caches else 0
-            position_ids = torch.arange(start, start + s, device=h.device).expand(b, s)
+            if attention_mask is not None:
+                # Count real tokens only: a left-padded row's first real token gets position 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
+            else:
+                start = kv_caches[0].length if kv_caches else 0
+                position_ids = torch.arange(start, start + s, device=h.device).expand(b, s)
         rope = self.rope(position_ids, h.dtype)
         if kv_caches:
             # Incremental decoding: queries are the last s keys; `attend` applies the causal offset. Packed
             # documents are a training-time layout and have no meaning against a cache.
             if document_ids is not None:
                 raise ValueError("document_ids cannot be combined with kv_caches (decode one document per row)")
-            mask = build_attention_mask("sdpa", None, b, s, h.device)
+            if attention_mask is None:
+                mask = build_attention_mask("sdpa", None, b, s, h.device)
+            else:
+                mask = AttentionMask("sdpa", dense=key_padding_causal_mask(attention_mask, s))
         else:
             mask = build_attention_mask(self.config.attention_backend, document_ids, b, s, h.device)
         for i, layer in enumerate(self.layers.values()):

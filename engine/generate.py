@@ -1,0 +1,200 @@
+"""Generate text and images (as visual tokens) from a VPiT checkpoint. See docs/generation.md.
+
+    python -m engine.generate --load CKPT --prompt "Generate an image of a red fox" [--image in.jpg ...] \\
+        --max-new-tokens N [--temperature T --top-p P] [--batch-file prompts.jsonl] [--visualizer VIZ] --output OUT
+
+    torchrun --nproc-per-node 2 -m engine.generate --tensor-model-parallel-size 2 --load CKPT ...
+
+Writes OUT/results.jsonl (one line per prompt, input order), OUT/visual_tokens.safetensors (one [64, 1152] tensor
+per generated image, key `sample_{index:05d}.image_{j}`), and with `--visualizer` OUT/images/*.png.
+Exit status: 0 on success, 1 on a usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.generation import (
+    GenerationResult,
+    PromptInput,
+    SamplingConfig,
+    VPiTGenerator,
+    build_prompt_encoder,
+    default_chat_template,
+    encode_images,
+    encode_prompt,
+    load_checkpoint_for_generation,
+    read_batch_file,
+)
+from engine.tokenizer import CHAT_TEMPLATES, stop_token_ids
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, metavar="CKPT", help="model-only checkpoint or training --save directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (the user turn); `<image>` marks where each --image goes")
+    source.add_argument("--batch-file", metavar="JSONL", help='one {"prompt": ..., "images": [...]} per line')
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for --prompt (repeatable)")
+    p.add_argument("--system", default=None, help="system message for --prompt")
+    p.add_argument("--output", required=True, metavar="OUT")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generated positions per sample (visual tokens count; a started image is always finished)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
+                   help="default: the training data's, else llama3 when the tokenizer has its tokens, else plain")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="saved tokenizer, if the checkpoint has none")
+    p.add_argument("--vision-encoder", default=None, metavar="SPEC",
+                   help="override the checkpoint's encoder reference (local SigLIP dir, tiny-random, so400m-random)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="run under torchrun with this many ranks")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute every step (the reference's method)")
+    viz = p.add_argument_group("rendering (with --visualizer)")
+    viz.add_argument("--visualizer", default=None, metavar="VIZ", help="a directory saved by engine.visualizer")
+    viz.add_argument("--guidance-scale", type=float, default=3.0)
+    viz.add_argument("--render-steps", type=int, default=50, help="denoising steps")
+    viz.add_argument("--render-size", type=int, default=None, help="image side in pixels (default: the visualizer's)")
+    return p
+
+
+def _setup_tensor_parallel(tp: int, device: torch.device):
+    """(tp mesh or None, rank). TP only: the world is one tensor-parallel group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp == 1 and world == 1:
+        return None, 0
+    if world != tp:
+        raise ValueError(f"--tensor-model-parallel-size {tp} needs exactly {tp} processes "
+                         f"(torchrun --nproc-per-node {tp}); got WORLD_SIZE={world}")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)), dist.get_rank()
+
+
+def _inputs(args) -> list[PromptInput]:
+    if args.batch_file:
+        if args.image or args.system:
+            raise ValueError("--image and --system go with --prompt; put images in the batch file's 'images'")
+        return read_batch_file(args.batch_file)
+    return [PromptInput(args.prompt, list(args.image), args.system)]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    inputs = _inputs(args)
+    mesh, rank = _setup_tensor_parallel(args.tensor_model_parallel_size, device)
+
+    loaded = load_checkpoint_for_generation(args.load, device=device, dtype=dtype, tokenizer_dir=args.tokenizer)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if mesh is not None:
+        from engine.parallel.tensor_parallel import apply_tensor_parallel
+
+        tp = args.tensor_model_parallel_size
+        if model.config.num_query_groups % tp or model.config.num_attention_heads % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} must divide the model's attention heads "
+                             f"({model.config.num_attention_heads}) and KV groups ({model.config.num_query_groups})")
+        apply_tensor_parallel(model, mesh, sequence_parallel=False)
+    template = args.chat_template or default_chat_template(loaded)
+    tpi = model.config.tokens_per_image
+
+    encoder = None
+    if any(item.images for item in inputs):
+        encoder = build_prompt_encoder(loaded.vision_encoder, args.vision_encoder, device)
+    prompts = []
+    for index, item in enumerate(inputs):
+        image_tokens = encode_images(item.images, encoder) if item.images else None
+        prompts.append(encode_prompt(item, tokenizer, template, seed=index, image_tokens=image_tokens,
+                                     tokens_per_image=tpi))
+
+    generator = VPiTGenerator(model, image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id,
+                              stop_ids=stop_token_ids(tokenizer, template), valid_vocab_size=tokenizer.vocab_size,
+                              pad_id=tokenizer.pad_id, use_kv_cache=not args.no_kv_cache)
+    # Similar lengths together (less padding); per-sample seeds make the grouping invisible in the results.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for start in range(0, len(order), args.batch_size):
+        chunk = order[start:start + args.batch_size]
+        for i, result in zip(chunk, generator.generate([prompts[i] for i in chunk], sampling)):
+            results[i] = result
+    if rank == 0:
+        write_outputs(Path(args.output), inputs, results, tokenizer, args)
+    return 0
+
+
+def write_outputs(out: Path, inputs: list[PromptInput], results: list[GenerationResult], tokenizer, args) -> None:
+    """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"sample_{i:05d}.image_{j}": image.contiguous()
+               for i, result in enumerate(results) for j, image in enumerate(result.images)}
+    rendered: dict[str, str] = {}
+    if args.visualizer and tensors:
+        from engine.visualizer import Visualizer
+
+        visualizer = Visualizer.load(args.visualizer, device=args.device)
+        (out / "images").mkdir(exist_ok=True)
+        keys = list(tensors)
+        images = visualizer.render(torch.stack([tensors[k] for k in keys]), guidance_scale=args.guidance_scale,
+                                   num_inference_steps=args.render_steps, size=args.render_size, seed=args.seed)
+        for key, image in zip(keys, images):
+            name = f"images/{key}.png"
+            image.save(out / name)
+            rendered[key] = name
+    save_file(tensors, str(out / "visual_tokens.safetensors"),
+              metadata={"format": "chrysalis-visual-tokens", "row_shape": "[64, 1152]", "norm": "l2"})
+    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+        for i, (item, result) in enumerate(zip(inputs, results)):
+            keys = [f"sample_{i:05d}.image_{j}" for j in range(len(result.images))]
+            f.write(json.dumps({
+                "index": i, "prompt": item.prompt, "images": item.images,
+                "text": tokenizer.decode(result.token_ids), "token_ids": result.token_ids,
+                "visual_tokens": keys, "rendered": [rendered[k] for k in keys if k in rendered],
+                "finish_reason": result.finish_reason, "new_tokens": result.new_positions,
+            }, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # As pretrain_gpt_vision.py: interpreter shutdown after a gloo group can hang in its threads (torch 2.13 CPU).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

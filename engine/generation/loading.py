@@ -1,0 +1,149 @@
+"""What `--load` needs to give generation: the model, its tokenizer, its chat template and its vision encoder.
+
+Two kinds of checkpoint are accepted:
+- a model-only checkpoint (`engine.checkpoint_io`: `config.json` + `model.safetensors`, as written by
+  `engine.convert` and `python -m engine.training.export`), with a `tokenizer/` copy and, when exported from
+  training, a `vision_encoder` reference in `config.json`;
+- a training `--save` directory or one `iter_*` directory of it (`engine.training.export.load_for_generation`),
+  whose completion record holds the shards' vision-encoder reference and paths of the builds it trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.tokenizer import ChrysalisTokenizer, load_saved_tokenizer
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready for generation.
+
+    Args:
+        kind: "model" (model-only checkpoint) or "training".
+        vision_encoder: the encoder reference recorded by preprocess (`manifest.json`'s `vision_encoder`), or None.
+        chat_template: the template the training data was built with, when the checkpoint says so.
+    """
+
+    model: torch.nn.Module
+    tokenizer: ChrysalisTokenizer
+    kind: str
+    path: Path
+    vision_encoder: dict[str, Any] | None
+    chat_template: str | None
+
+
+def _is_model_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "chrysalis-model"
+    except json.JSONDecodeError:
+        return False
+
+
+def _template_from_builds(builds: list[str] | None) -> str | None:
+    """The chat template recorded by the first preprocess build a training run read (if it is still there)."""
+    for build in builds or []:
+        manifest = Path(build) / "manifest.json"
+        if manifest.is_file():
+            try:
+                return json.loads(manifest.read_text()).get("chat_template")
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | str = "cpu",
+                                   dtype: torch.dtype = torch.float32,
+                                   tokenizer_dir: str | Path | None = None) -> LoadedCheckpoint:
+    """Loads either kind of checkpoint (see the module docstring) in eval mode.
+
+    Args:
+        tokenizer_dir: a saved tokenizer to use instead of the checkpoint's copy (needed when it has none).
+    """
+    path = Path(load)
+    if not path.exists():
+        raise FileNotFoundError(f"--load {load}: no such file or directory")
+    tokenizer = load_saved_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if _is_model_checkpoint(path):
+        from engine.checkpoint_io import load_model_checkpoint
+
+        model, config = load_model_checkpoint(path, device=device, dtype=dtype)
+        if tokenizer is None and (path / "tokenizer").is_dir():
+            tokenizer = load_saved_tokenizer(path / "tokenizer")
+        kind, encoder, template = "model", config.get("vision_encoder"), config.get("chat_template")
+    else:
+        from engine.training.export import load_for_generation
+
+        model, saved_tokenizer, record = load_for_generation(path, device=device, dtype=dtype)
+        tokenizer = tokenizer or saved_tokenizer
+        data = record.get("data") or {}
+        kind, encoder, template = "training", data.get("vision_encoder"), _template_from_builds(data.get("builds"))
+        path = Path(record["path"])
+    if tokenizer is None:
+        raise FileNotFoundError(f"--load {load} holds no tokenizer copy (trained on mock data?); "
+                                "pass --tokenizer DIR (a directory written by ChrysalisTokenizer.save)")
+    if tokenizer.image_end_id >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer's <image_end> id {tokenizer.image_end_id} does not fit the model's "
+                         f"vocabulary of {model.config.vocab_size}: wrong --tokenizer for this checkpoint?")
+    model.eval().requires_grad_(False)
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, kind=kind, path=path, vision_encoder=encoder,
+                            chat_template=template)
+
+
+def default_chat_template(loaded: LoadedCheckpoint) -> str:
+    """The checkpoint's template when recorded; else llama3 when the tokenizer has its special tokens, else plain."""
+    if loaded.chat_template:
+        return loaded.chat_template
+    return "llama3" if loaded.tokenizer.has_special_token("<|eot_id|>") else "plain"
+
+
+def build_prompt_encoder(reference: dict[str, Any] | None, override: str | None, device: torch.device | str):
+    """The vision encoder that made the training data, to encode prompt images exactly like preprocess did.
+
+    Args:
+        reference: the checkpoint's encoder reference (name, fingerprint, decoder, compute_dtype).
+        override: `--vision-encoder` (a local SigLIP directory, tiny-random or so400m-random).
+
+    The reference only names a local SigLIP directory by its base name (preprocess records no path), so such
+    checkpoints need `--vision-encoder`. The encoder is built with the reference's decoder and compute dtype and
+    its fingerprint compared: a mismatch is an error when the encoder came from the reference, a warning when the
+    user chose it with `--vision-encoder`.
+    """
+    from engine.vision_encoder import RANDOM_ENCODER_SHAPES, build_vision_encoder
+
+    spec = override
+    if spec is None:
+        name = (reference or {}).get("name")
+        if name in RANDOM_ENCODER_SHAPES:
+            spec = name
+        elif reference is None:
+            raise ValueError("prompt images need a vision encoder and the checkpoint records none: "
+                             "pass --vision-encoder (a local SigLIP directory or tiny-random)")
+        else:
+            raise ValueError(f"the checkpoint's data was encoded with {name!r}, which is not a built-in encoder; "
+                             "pass --vision-encoder with that local SigLIP directory")
+    decoder, dtype = "auto", None
+    if reference:
+        if reference.get("decoder") == "pil":
+            decoder = "pil"
+        if reference.get("compute_dtype") in ("float32", "bfloat16", "float16"):
+            dtype = getattr(torch, reference["compute_dtype"])
+    encoder = build_vision_encoder(spec, device=device, dtype=dtype, decoder=decoder)
+    expected = (reference or {}).get("fingerprint")
+    if expected and encoder.fingerprint() != expected:
+        message = (f"vision encoder {spec} (fingerprint {encoder.fingerprint()[:12]}) differs from the one the "
+                   f"training data was encoded with (fingerprint {expected[:12]}, decoder "
+                   f"{reference.get('decoder')}, dtype {reference.get('compute_dtype')})")
+        if override is None:
+            raise ValueError(message)
+        print(f"warning: {message}; prompt images may be encoded differently from training", file=sys.stderr)
+    return encoder

@@ -1,0 +1,187 @@
+"""Generation units on a random tiny model (fp32 CPU): the key-padding mask of cached decoding against full
+forwards, cached decoding against recompute-every-step, batched against one prompt at a time with text-mode and
+image-mode rows in the same steps, sampling, stopping and the per-row image state machine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import preset
+from engine.generation import PromptTokens, SamplingConfig, VPiTGenerator
+from engine.model.attention import key_padding_causal_mask
+from engine.model.llama import LayerKVCache
+from engine.model.vpit import build_model
+
+START, END, STOP, VALID = 90, 91, 95, 92  # image ids, a stop id, valid vocabulary (< the model's 96 rows)
+TPI = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(preset("tiny", vocab_size=96), seed=1).eval()
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def image_prompt(seed: int) -> PromptTokens:
+    """BOS-ish text, one prompt image block, more text."""
+    tokens = [1, 5, 7, START] + [START] * TPI + [END, 3, 11]
+    return PromptTokens(tokens=tokens, image_slot_starts=[4], image_tokens=unit(1, TPI, 1152, seed=seed), seed=seed)
+
+
+class ScriptedImages(VPiTGenerator):
+    """Greedy, but row r's sample starts an image at its step 2 + 3 * seed (so rows switch modes at different
+    steps) and stops at `stop_at` when given."""
+
+    stop_at: int | None = None
+
+    def select_text_tokens(self, logits, rows, step, generators, sampling):
+        chosen = super().select_text_tokens(logits, rows, step, generators, sampling)
+        out = []
+        for row, token in zip(rows, chosen):
+            seed = self._seeds[row]
+            if step == 2 + 3 * seed:
+                token = START
+            elif self.stop_at is not None and step == self.stop_at + seed:
+                token = STOP
+            out.append(token)
+        return out
+
+    def generate(self, prompts, sampling):
+        self._seeds = [p.seed for p in prompts]
+        return super().generate(prompts, sampling)
+
+
+def make(model, cls=VPiTGenerator, **kw):
+    return cls(model, image_start_id=START, image_end_id=END, stop_ids={STOP}, valid_vocab_size=VALID, pad_id=0, **kw)
+
+
+# --------------------------------------------------------------------------------------------- model mask
+def test_key_padding_mask_blocks_padding_and_lets_padding_see_itself():
+    keys = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    mask = key_padding_causal_mask(keys, 2)  # queries are keys 2 and 3
+    assert mask.shape == (2, 1, 2, 4)
+    assert mask[0, 0].tolist() == [[False, False, True, False], [False, False, True, True]]
+    assert mask[1, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
+    prefill = key_padding_causal_mask(keys[:1], 4)[0, 0]
+    assert prefill[0].tolist() == [True, False, False, False]  # a padding query sees only itself: no NaN row
+
+
+def test_cached_decoding_with_left_padding_equals_each_row_alone(model):
+    """Prefill two left-padded prompts, then decode 4 steps in which row 0 feeds visual tokens and row 1 token ids;
+    every hidden state equals a full (uncached, unpadded) forward of that row alone, within 1e-5."""
+    lengths = [5, 9]
+    prompt = [torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    steps = 4
+    visual = unit(steps, 1152, seed=3)
+    step_ids = torch.randint(0, 90, (steps,), generator=torch.Generator().manual_seed(7))
+    width = max(lengths)
+    tokens = torch.zeros(2, width, dtype=torch.long)
+    key_mask = torch.zeros(2, width, dtype=torch.bool)
+    for b, p in enumerate(prompt):
+        tokens[b, width - len(p):] = p
+        key_mask[b, width - len(p):] = True
+    caches = [LayerKVCache(2, 2, width + steps, 16, torch.float32, "cpu") for _ in range(4)]
+    with torch.no_grad():
+        cached = [model(tokens, kv_caches=caches, attention_mask=key_mask)[:, -1]]
+        for t in range(steps):
+            key_mask = torch.cat([key_mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+            step = torch.tensor([[START], [int(step_ids[t])]])
+            cached.append(model(step, visual_tokens=visual[t:t + 1], visual_positions=torch.tensor([0]),
+                                kv_caches=caches, attention_mask=key_mask)[:, -1])
+        # Row 0 alone: prompt + slot placeholders carrying the visual tokens; row 1 alone: prompt + ids.
+        row0 = torch.cat([prompt[0], torch.full((steps,), START)])[None]
+        full0 = model(row0, visual_tokens=visual, visual_positions=torch.arange(lengths[0], lengths[0] + steps))
+        full1 = model(torch.cat([prompt[1], step_ids])[None])
+    for t in range(steps + 1):
+        torch.testing.assert_close(cached[t][0], full0[0, lengths[0] - 1 + t], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached[t][1], full1[0, lengths[1] - 1 + t], atol=1e-5, rtol=0)
+
+
+def test_attention_mask_needs_a_cache_and_the_right_shape(model):
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="with kv_caches"):
+        model(tokens, attention_mask=torch.ones(1, 3, dtype=torch.bool))
+    caches = [LayerKVCache(1, 2, 8, 16, torch.float32, "cpu") for _ in range(4)]
+    with pytest.raises(ValueError, match=r"expected \(1, 3\)"):
+        model(tokens, kv_caches=caches, attention_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------- generation
+def assert_same(a, b, atol=1e-5):
+    assert a.token_ids == b.token_ids
+    assert a.finish_reason == b.finish_reason and a.new_positions == b.new_positions
+    assert len(a.images) == len(b.images)
+    for x, y in zip(a.images, b.images):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def test_cached_generation_equals_recompute_every_step(model):
+    prompts = [image_prompt(0), PromptTokens(tokens=[1, 2, 3], seed=1)]
+    sampling = SamplingConfig(max_new_tokens=100)
+    cached = make(model, ScriptedImages).generate(prompts, sampling)
+    recomputed = make(model, ScriptedImages, use_kv_cache=False).generate(prompts, sampling)
+    for a, b in zip(cached, recomputed):
+        assert_same(a, b)
+        assert len(a.images) == 1 and a.images[0].shape == (TPI, 1152)
+        start = a.token_ids.index(START)
+        assert a.token_ids[start + 1] == END  # slots are not ids: <image_start> then the forced <image_end>
+        torch.testing.assert_close(a.images[0].norm(dim=-1), torch.ones(TPI))
+    # The rows switched to image mode at different steps (2 and 5), so text and image rows shared steps.
+    assert [r.token_ids.index(START) for r in cached] == [2, 5]
+
+
+def test_batched_equals_one_at_a_time(model):
+    prompts = [image_prompt(0), PromptTokens(tokens=[1, 2, 3], seed=1), PromptTokens(tokens=list(range(1, 20)),
+                                                                                      seed=2)]
+    for sampling in (SamplingConfig(max_new_tokens=90),
+                     SamplingConfig(max_new_tokens=90, temperature=0.8, top_p=0.9, seed=5)):
+        batched = make(model, ScriptedImages).generate(prompts, sampling)
+        for prompt, result in zip(prompts, batched):
+            assert_same(result, make(model, ScriptedImages).generate([prompt], sampling)[0])
+
+
+def test_sampling_is_seeded_per_sample_and_respects_the_vocabulary(model):
+    prompts = [PromptTokens(tokens=[1, 2], seed=s) for s in range(4)]
+    hot = SamplingConfig(max_new_tokens=60, temperature=5.0, seed=1)
+    first = make(model).generate(prompts, hot)
+    again = make(model).generate(prompts, hot)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert len({tuple(r.token_ids) for r in first}) == 4  # different seeds, different samples
+    other = make(model).generate(prompts, SamplingConfig(max_new_tokens=60, temperature=5.0, seed=2))
+    assert [r.token_ids for r in other] != [r.token_ids for r in first]
+    for r in first:
+        assert all(t < VALID for t in r.token_ids)  # never a padding row of the embedding
+        # <image_end> is never sampled: it only follows a generated image.
+        assert r.token_ids.count(END) == r.token_ids.count(START) == len(r.images)
+    # A vanishing nucleus keeps only the most likely token: greedy.
+    nucleus = make(model).generate(prompts, SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=1e-6))
+    greedy = make(model).generate(prompts, SamplingConfig(max_new_tokens=20))
+    assert [r.token_ids for r in nucleus] == [r.token_ids for r in greedy]
+
+
+def test_stop_tokens_length_budget_and_unfinished_images(model):
+    gen = make(model, ScriptedImages)
+    gen.stop_at = 80  # after the image (steps 2..67); sample 1 stops at step 81
+    results = gen.generate([PromptTokens(tokens=[1, 2], seed=0), PromptTokens(tokens=[4], seed=1)],
+                           SamplingConfig(max_new_tokens=200))
+    assert [r.finish_reason for r in results] == ["stop", "stop"]
+    assert STOP not in results[0].token_ids
+    assert results[0].new_positions == 80 and results[1].new_positions == 81
+    # A budget that ends inside an image: the image is finished (64 slots + <image_end>), then the row stops.
+    short = make(model, ScriptedImages).generate([PromptTokens(tokens=[1, 2], seed=0)],
+                                                 SamplingConfig(max_new_tokens=10))[0]
+    assert short.finish_reason == "length" and len(short.images) == 1
+    assert short.new_positions == 3 + TPI + 1 and short.token_ids[-1] == END
+
+
+def test_prompt_errors(model):
+    with pytest.raises(ValueError, match="image_tokens"):
+        make(model).generate([PromptTokens(tokens=[1] * 70, image_slot_starts=[1])], SamplingConfig())
+    with pytest.raises(ValueError, match="exceed the model's"):
+        make(model).generate([PromptTokens(tokens=[1] * 10)], SamplingConfig(max_new_tokens=5000))
+    with pytest.raises(ValueError, match="--top-p"):
+        SamplingConfig(top_p=0)
