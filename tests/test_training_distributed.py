@@ -136,3 +136,22 @@ def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path):
     assert (save / f"iter_{saved:07d}" / "chrysalis_train.json").is_file()
     assert "received signal 15" in (tmp_path / "rank1.out").read_text() or \
         "received signal 15" in (tmp_path / "rank0.out").read_text()
+
+
+def test_fsdp2_checkpoint_resumes_on_one_process(reference, tmp_path):
+    """Save under FSDP2 x 2 (sharded DTensors), resume under 1 process (plain tensors): DCP reshards."""
+    log, save = tmp_path / "log.jsonl", tmp_path / "ck"
+    args = [*TINY, "--log-jsonl", str(log), "--save", str(save), "--exit-interval", "2"]
+    wait(launch([*args, "--data-parallel-sharding", "fsdp"], tmp_path), tmp_path)
+    wait(launch([*args, "--load", str(save)], tmp_path, nproc=1), tmp_path)
+    assert [r[0] for r in losses(log)] == [1, 2, 3, 4]
+    assert_close(losses(log), losses(reference / "dp2.jsonl"), rel=1e-6)
+
+
+def test_fsdp2_stage1_matches_one_process(tmp_path):
+    """Stage 1 under FSDP2: the new-row gradient mask is applied to row-sharded DTensor gradients."""
+    stage1 = [*TINY, "--stage", "1", "--train-iters", "3"]
+    wait(launch([*stage1, "--log-jsonl", str(tmp_path / "one.jsonl")], tmp_path, nproc=1), tmp_path)
+    wait(launch([*stage1, "--log-jsonl", str(tmp_path / "fsdp.jsonl"), "--data-parallel-sharding", "fsdp"],
+                tmp_path), tmp_path)
+    assert_close(losses(tmp_path / "fsdp.jsonl"), losses(tmp_path / "one.jsonl"), rel=1e-6)

@@ -182,3 +182,13 @@ def test_export_to_model_checkpoint_and_hugging_face(tmp_path):
     assert config["vocab"]["base_vocab_size"] == 300
     assert all(torch.equal(v, t.core_model.state_dict()[k]) for k, v in model.state_dict().items())
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "vpit_heads.safetensors").is_file()
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
+    t = trainer("--bf16", "--train-iters", "2", "--log-jsonl", str(tmp_path / "log.jsonl"))
+    before = t.core_model.output.weight.detach().clone()
+    t.train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+    assert all(p.dtype == torch.float32 for p in t.core_model.parameters())
+    assert not torch.equal(before, t.core_model.output.weight)
