@@ -63,7 +63,8 @@ def plot_runs(paths: list[str], output: str, labels: list[str] | None = None, sm
                 xs, ys = zip(*points)
                 (line,) = ax.plot(xs, moving_average(list(ys), smooth), label=label, linewidth=1.2)
                 if key == "lm_loss":
-                    valid = [(r["iteration"], r["valid_lm_loss"]) for r in records if r.get("valid_lm_loss") is not None]
+                    valid = [(r["iteration"], r["valid_lm_loss"]) for r in records
+                             if r.get("valid_lm_loss") is not None]
                     if valid:
                         vx, vy = zip(*valid)
                         ax.plot(vx, vy, "o", color=line.get_color(), markersize=4, label=f"{label} (valid)")

@@ -67,8 +67,9 @@ class SyntheticDataset:
 
     Each sequence packs `documents_per_sequence` documents; each document is a prompt (loss mask 0), images and a
     response (loss mask 1). Text follows `next = (prev + step) % base_vocab_size` with a per-document step, so a
-    tiny model can visibly learn it. Every other image, starting with the first, is a response image (its `<image_start>`, 64 slots and
-    `<image_end>` are targets). Embedding rows index a fixed random table of unit-norm bf16 tokens.
+    tiny model can visibly learn it. Every other image, starting with the first, is a response image (its
+    `<image_start>`, 64 slots and `<image_end>` are targets). Embedding rows index a fixed random table of unit-norm
+    bf16 tokens.
 
     Args:
         base_vocab_size: text ids are below this; `<image_start>` = base, `<image_end>` = base + 1.
@@ -117,11 +118,10 @@ class SyntheticDataset:
             document_ids[begin:end] = d
             step = int(rng.integers(1, 4))
             value = int(rng.integers(0, self.base_vocab_size))
-            n_images = min(self.images_per_sequence - image, -(-self.images_per_sequence // self.documents_per_sequence))
+            per_document = -(-self.images_per_sequence // self.documents_per_sequence)
+            n_images = min(self.images_per_sequence - image, per_document)
             prompt = int(rng.integers(2, 6))
-            t = begin
-            for i in range(end - begin):
-                tokens[begin + i] = (value + step * i) % self.base_vocab_size
+            tokens[begin:end] = (value + step * np.arange(end - begin)) % self.base_vocab_size
             loss_mask[begin + prompt:end] = 1
             # Images after the prompt, spaced evenly through the document.
             gap = (end - begin - prompt - n_images * (TOKENS_PER_IMAGE + 2)) // (n_images + 1)

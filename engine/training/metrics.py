@@ -18,7 +18,6 @@ import json
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -161,15 +160,3 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
 
-
-class StepTimer:
-    """Wall time of a step and of the time spent waiting for data inside it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.data_s = 0.0
-        self.start = time.perf_counter()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
