@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    info = build_device_mesh()
+    try:
+        info = build_device_mesh(parallel=config.parallel_config())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     code = 0
     try:
         trainer = Trainer(config, info)

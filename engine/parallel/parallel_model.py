@@ -80,8 +80,7 @@ class ParallelVPiT:
 
             for part in self.parts:
                 apply_fsdp(part, mesh["dp"])
-        self._schedule = None
-        self._schedule_microbatches = None
+        self._schedules: dict[int, object] = {}
 
     # ----------------------------------------------------------------------------------------------- info
     def describe(self) -> str:
@@ -109,6 +108,9 @@ class ParallelVPiT:
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
             part.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
 
     # ----------------------------------------------------------------------------------------------- step
     def global_normalizers(self, micro_batches: list[dict]) -> tuple[float, float]:
@@ -156,9 +158,13 @@ class ParallelVPiT:
         return t.to(self.device, non_blocking=True) if t is not None else None
 
     def _pipeline_forward_backward(self, micro_batches: list[dict], lm_norm: float, vis_norm: float) -> torch.Tensor:
+        return self._run_pipeline(micro_batches, lm_norm, vis_norm, backward=True)
+
+    def _run_pipeline(self, micro_batches: list[dict], lm_norm: float, vis_norm: float, backward: bool) -> torch.Tensor:
         n = len(micro_batches)
-        if self._schedule is None or self._schedule_microbatches != n:
-            self._build_schedule(n, micro_batches[0])
+        if n not in self._schedules:
+            self._schedules[n] = self._build_schedule(n, micro_batches[0])
+        schedule = self._schedules[n]
         cat = {}
         seq_len = micro_batches[0]["tokens"].shape[1]
         visual = [batch_major_visual(mb.get("visual_tokens"), mb.get("visual_positions"), mb.get("visual_target_mask"),
@@ -176,10 +182,11 @@ class ParallelVPiT:
                 part.loss_parts.clear()
         kwargs = dict(cat, lm_normalizer=lm_norm, visual_normalizer=vis_norm)
         target = torch.zeros(tokens.shape[0], device=self.device)
-        if 0 in self.stage_ids:
-            self._schedule.step(tokens, target=target, return_outputs=False, **kwargs)
+        args = (tokens,) if 0 in self.stage_ids else ()
+        if backward:
+            schedule.step(*args, target=target, return_outputs=False, **kwargs)
         else:
-            self._schedule.step(target=target, return_outputs=False, **kwargs)
+            schedule.eval(*args, target=target, return_outputs=False, **kwargs)
         sums = torch.zeros(4, dtype=torch.float64)
         if self.has_last_stage:
             last = self.parts[self.stage_ids.index(self.num_stages - 1)]
@@ -190,7 +197,7 @@ class ParallelVPiT:
     def _dtype(self) -> torch.dtype:
         return next(self.parts[0].parameters()).dtype
 
-    def _build_schedule(self, num_microbatches: int, example: dict) -> None:
+    def _build_schedule(self, num_microbatches: int, example: dict):
         from torch.distributed.pipelining import PipelineStage
 
         validate_parallel_config(self.parallel, self.config, self.mesh.size(), num_microbatches)
@@ -210,8 +217,34 @@ class ParallelVPiT:
                                         output_args=(outputs,), input_grads=(None if first else hidden,),
                                         output_grads=(None if last else hidden,), group=self.pp_group))
         interleaved = self.num_stages > self.pp_size
-        self._schedule = build_schedule(stages, num_microbatches, interleaved)
-        self._schedule_microbatches = num_microbatches
+        return build_schedule(stages, num_microbatches, interleaved)
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Forward only: summed text CE / visual (1 - cos) and their counts over this step's micro-batches, summed
+        over pipeline stages and data-parallel ranks (identical on every rank)."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        if self.pp_size == 1:
+            (model,) = self.parts
+            for mb in micro_batches:
+                parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
+                sums += torch.stack([parts.lm_loss_sum, parts.lm_tokens.float(), parts.visual_loss_sum,
+                                     parts.visual_targets.float()]).double().cpu()
+        else:
+            sums += self._run_pipeline(micro_batches, 1.0, 1.0, backward=False)
+            dist.all_reduce(sums, group=self.pp_group)
+        if self.dp_size > 1:
+            dist.all_reduce(sums, group=self.dp_group)
+        return {"lm_loss_sum": sums[0].item(), "lm_tokens": int(sums[1].item()),
+                "visual_loss_sum": sums[2].item(), "visual_targets": int(sums[3].item())}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads full (unsharded) tensors, e.g. an imported Hugging Face model, into the local shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        for part in self.parts:
+            own = {k: v for k, v in state.items() if k in part.state_dict()}
+            set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # ----------------------------------------------------------------------------------------------- grads
     def reduce_gradients(self) -> None:

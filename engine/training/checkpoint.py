@@ -59,22 +59,22 @@ def _iteration_of(path: Path) -> int | None:
 
 def _barrier(info: ParallelInfo) -> None:
     if info.mesh is not None:
-        dist.barrier(group=info.dp_group)
+        dist.barrier(group=info.world_group)
 
 
 def _broadcast(obj: Any, info: ParallelInfo) -> Any:
     if info.mesh is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=info.dp_group)
+    dist.broadcast_object_list(box, src=0, group=info.world_group)
     return box[0]
 
 
 def _all_gather(obj: Any, info: ParallelInfo) -> list[Any]:
     if info.mesh is None:
         return [obj]
-    out = [None] * info.dp_size
-    dist.all_gather_object(out, obj, group=info.dp_group)
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.world_group)
     return out
 
 
@@ -93,8 +93,72 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------------- state dicts
+# Optimizer state is saved flattened ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): keys depend only on
+# parameter names, so a checkpoint reshards across data, tensor and pipeline layouts (and model parts).
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _parts(model) -> list[nn.Module] | None:
+    """The local model parts of a tensor/pipeline-parallel model (engine.parallel.ParallelVPiT), else None."""
+    return getattr(model, "parts", None)
+
+
+def _optimizers(optimizer, count: int) -> list:
+    return list(getattr(optimizer, "optimizers", [optimizer] * count))
+
+
+def _fqn_of_optimizer_key(key: str) -> str:
+    # "state.layers.0.attention.wq.weight.exp_avg" -> "layers.0.attention.wq.weight"
+    return key.split(".", 1)[1].rsplit(".", 1)[0]
+
+
+def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
+    parts = _parts(model)
+    if parts is None:
+        return get_state_dict(model, optimizer, options=_FLAT)
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for part, opt in zip(parts, _optimizers(optimizer, len(parts))):
+        if opt is None:  # a stage with nothing to train (stage 1, middle of the pipeline)
+            model_sd.update(get_model_state_dict(part))
+            continue
+        m, o = get_state_dict(part, opt, options=_FLAT)
+        model_sd.update(m)
+        optim_sd.update(o)
+    return model_sd, optim_sd
+
+
+def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+    parts = _parts(model)
+    if parts is None:
+        if optim_sd is None:
+            set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+        else:
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_FLAT)
+        return
+    for part, opt in zip(parts, _optimizers(optimizer, len(parts)) if optimizer is not None else [None] * len(parts)):
+        own = set(part.state_dict())
+        part_model = {k: v for k, v in model_sd.items() if k in own}
+        if opt is None or optim_sd is None:
+            set_state_dict(part, [], model_state_dict=part_model, optim_state_dict={})
+            continue
+        part_optim = {k: v for k, v in optim_sd.items() if _fqn_of_optimizer_key(k) in own}
+        set_state_dict(part, opt, model_state_dict=part_model, optim_state_dict=part_optim, options=_FLAT)
+
+
+def model_state(model) -> dict:
+    parts = _parts(model)
+    if parts is None:
+        return get_model_state_dict(model)
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update(get_model_state_dict(part))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- saving
-def save_checkpoint(save_dir: str | Path, iteration: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(save_dir: str | Path, iteration: int, *, model, optimizer,
                     trainer_state: dict[str, Any], record: dict[str, Any], info: ParallelInfo,
                     tokenizer_dir: Path | None = None, keep_last: int = 0,
                     log: Callable[[str], None] = print) -> Path:
@@ -113,10 +177,10 @@ def save_checkpoint(save_dir: str | Path, iteration: int, *, model: nn.Module, o
         path.mkdir()
     _barrier(info)
     start = time.perf_counter()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = model_and_optimizer_state(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd, "trainer": json.dumps(trainer_state, sort_keys=True),
-             f"rng_rank{info.dp_rank}": rng_state()}
-    dcp.save(state, checkpoint_id=str(path), process_group=info.dp_group)
+             f"rng_rank{info.rank}": rng_state()}
+    dcp.save(state, checkpoint_id=str(path), process_group=info.world_group)
     if info.is_main and tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, path / "tokenizer")
     _test_sleep(iteration)
@@ -124,13 +188,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int, *, model: nn.Module, o
     # Each rank hashes a share of the files, so hashing time does not grow with the world size.
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
     mine = {f: {"size": (path / f).stat().st_size, "sha256": sha256_file(path / f)}
-            for i, f in enumerate(files) if i % info.dp_size == info.dp_rank}
+            for i, f in enumerate(files) if i % info.world_size == info.rank}
     hashed: dict[str, Any] = {}
     for part in _all_gather(mine, info):
         hashed.update(part)
     if info.is_main:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
-                "world_size": info.dp_size, "saved_at": time.time(), **record, "files": hashed}
+                "world_size": info.world_size, "saved_at": time.time(), **record, "files": hashed}
         atomic_write_text(path / RECORD, json.dumps(body, indent=1, sort_keys=True, default=str) + "\n")
         _fsync_dir(path)
         atomic_write_text(save_dir / LATEST, checkpoint_name(iteration) + "\n")
@@ -205,7 +269,7 @@ def check_checkpoint(path: Path, verify: bool, info: ParallelInfo | None = None)
                 reason = f"{name} is truncated ({f.stat().st_size} bytes, {meta['size']} recorded)"
                 break
     if verify:
-        rank, size = (info.dp_rank, info.dp_size) if info is not None else (0, 1)
+        rank, size = (info.rank, info.world_size) if info is not None else (0, 1)
         bad = None
         if reason is None:
             for i, (name, meta) in enumerate(files):
@@ -261,19 +325,19 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     """Loads the model (and, with `optimizer`, the optimizer, trainer state and this rank's RNG) in place.
     Returns the trainer state, or None for a model-only load."""
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path), process_group=info.dp_group)
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+        state = {"model": model_state(model)}
+        dcp.load(state, checkpoint_id=str(path), process_group=info.world_group)
+        set_model_and_optimizer_state(model, None, state["model"], None)
         return None
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = model_and_optimizer_state(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "trainer": ""}
-    rng_key = f"rng_rank{info.dp_rank}"
+    rng_key = f"rng_rank{info.rank}"
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     has_rng = rng_key in metadata.state_dict_metadata
     if has_rng:
         state[rng_key] = rng_state()
-    dcp.load(state, checkpoint_id=str(path), process_group=info.dp_group)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp.load(state, checkpoint_id=str(path), process_group=info.world_group)
+    set_model_and_optimizer_state(model, optimizer, state["model"], state["optimizer"])
     if has_rng:
         set_rng_state(state[rng_key])
     return json.loads(state["trainer"])

@@ -147,6 +147,26 @@ class TrainingConfig:
     recompute_num_layers: int = 0
     data_parallel_sharding: DataParallelSharding = "none"
     max_skipped_steps: int = 10
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    sequence_parallel: bool = False
+    pipeline_layer_split: list[int] | None = None
+
+    def parallel_config(self):
+        """The model-parallel layout (engine.parallel.ParallelConfig) of this run."""
+        from engine.parallel import ParallelConfig
+
+        split = [int(x) for x in self.pipeline_layer_split] if self.pipeline_layer_split else None
+        return ParallelConfig(tensor_model_parallel_size=self.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                              num_layers_per_virtual_pipeline_stage=self.num_layers_per_virtual_pipeline_stage,
+                              sequence_parallel=self.sequence_parallel,
+                              data_parallel_sharding=self.data_parallel_sharding, pipeline_layer_split=split)
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size > 1
 
     def validate(self, data_parallel_size: int = 1) -> None:
         """Raises ValueError naming the flag to change."""
@@ -184,6 +204,13 @@ class TrainingConfig:
             problems.append("--eval-interval must be positive")
         if self.max_skipped_steps < 0:
             problems.append("--max-skipped-steps must be >= 0")
+        if self.model_parallel and self.recompute_num_layers not in (0, -1):
+            problems.append("with tensor/pipeline parallelism --recompute-num-layers must be 0 or -1 (all blocks)")
+        if self.pipeline_layer_split:
+            try:
+                [int(x) for x in self.pipeline_layer_split]
+            except ValueError:
+                problems.append(f"--pipeline-layer-split takes integers, got {self.pipeline_layer_split}")
         if problems:
             raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
 
@@ -243,6 +270,12 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--recompute-num-layers": ("", "recompute_num_layers", int, "activation checkpointing on the first N blocks"),
     "--data-parallel-sharding": ("", "data_parallel_sharding", str, "none (DDP) | fsdp (FSDP2)"),
     "--max-skipped-steps": ("", "max_skipped_steps", int, "abort after this many consecutive non-finite steps"),
+    "--tensor-model-parallel-size": ("", "tensor_model_parallel_size", int, "TP size (DTensor plans)"),
+    "--pipeline-model-parallel-size": ("", "pipeline_model_parallel_size", int, "PP stages"),
+    "--num-layers-per-virtual-pipeline-stage": ("", "num_layers_per_virtual_pipeline_stage", int,
+                                                "interleaved 1F1B with this many layers per virtual stage"),
+    "--sequence-parallel": ("", "sequence_parallel", bool, "shard norm regions along the sequence (TP > 1)"),
+    "--pipeline-layer-split": ("", "pipeline_layer_split", list, "layers per pipeline stage, e.g. 3 5"),
 }
 _CHOICES = {"--lr-decay-style": ["cosine", "linear", "constant"], "--data-parallel-sharding": ["none", "fsdp"],
             "--stage": [1, 2]}

@@ -106,6 +106,30 @@ def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ada
                              eps=o.adam_eps, fused=True if on_cuda else None)
 
 
+class PartOptimizers:
+    """One AdamW per local model part (pipeline stages of a rank), driven as one optimizer. Separate optimizers
+    keep each part's state under that part's parameter names, which is what lets checkpoints reshard across
+    pipeline layouts. A part with nothing to train (stage 1, a middle pipeline stage) gets None."""
+
+    def __init__(self, parts: list[nn.Module], config: TrainingConfig):
+        self.optimizers = [build_optimizer(part, config) if any(p.requires_grad for p in part.parameters()) else None
+                           for part in parts]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers if opt is not None for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            if opt is not None:
+                opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            if opt is not None:
+                opt.zero_grad(set_to_none=set_to_none)
+
+
 class WarmupDecaySchedule:
     """Megatron's schedule: linear warm-up from 0 to `lr` over `warmup` steps, then cosine (or linear) decay to
     `min_lr` at `decay_iters`, constant afterwards. `lr_at(step)` is the LR of optimizer step `step` (0-based)."""

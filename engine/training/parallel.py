@@ -1,7 +1,7 @@
 """Process groups and model wrapping, applied from outside the single-device model (torchtitan's approach).
 
-`build_device_mesh` is the one place the mesh is made. It is 1-D ("dp",) today; tensor/pipeline parallelism
-extends it to ("pp", "dp", "tp") there, and every consumer takes the mesh (or its "dp" sub-mesh) as an argument.
+`build_device_mesh` is the one place the mesh is made: ("pp", "dp", "tp") from engine.parallel (pp = tp = 1 for
+pure data parallelism). Every consumer takes the mesh (or its "dp" sub-mesh) as an argument.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -24,22 +24,33 @@ class ParallelInfo:
     device: torch.device
     dp_rank: int = 0
     dp_size: int = 1
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def is_main(self) -> bool:
-        return self.dp_rank == 0
+        return self.rank == 0
 
     @property
     def dp_group(self):
         return self.mesh.get_group("dp") if self.mesh is not None else None
 
+    @property
+    def world_group(self):
+        """Every rank (checkpoint collectives); None means the default group."""
+        return None
 
-def build_device_mesh(timeout_s: float = 600.0) -> ParallelInfo:
-    """Initialises the process group from torchrun's environment and builds the ("dp",) mesh: gloo on CPU,
-    NCCL on GPU. Without torchrun variables (`WORLD_SIZE` unset or 1) it returns a mesh-less single process.
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["dp"] if self.mesh is not None else None
 
-    Extension point for TP/PP: derive (pp, dp, tp) sizes from the config here and return a 3-D mesh; the trainer
-    only uses `mesh["dp"]`.
+
+def build_device_mesh(timeout_s: float = 600.0, parallel=None) -> ParallelInfo:
+    """Initialises the process group from torchrun's environment and builds the ("pp", "dp", "tp") mesh: gloo on
+    CPU, NCCL on GPU. Without torchrun variables (`WORLD_SIZE` unset or 1) it returns a mesh-less single process.
+
+    Args:
+        parallel: an `engine.parallel.ParallelConfig` (TrainingConfig.parallel_config()); None = data parallel only.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
@@ -53,8 +64,17 @@ def build_device_mesh(timeout_s: float = 600.0) -> ParallelInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return ParallelInfo(mesh=mesh, device=device, dp_rank=mesh.get_local_rank("dp"), dp_size=mesh.size(0))
+    from engine.parallel import ParallelConfig
+    from engine.parallel.mesh import build_device_mesh as build_3d_mesh
+
+    parallel = parallel or ParallelConfig()
+    world = dist.get_world_size()
+    if world % (parallel.tp * parallel.pp):
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size {parallel.tp} x "
+                         f"--pipeline-model-parallel-size {parallel.pp}")
+    mesh = build_3d_mesh(parallel, device.type, world)
+    return ParallelInfo(mesh=mesh, device=device, dp_rank=mesh.get_local_rank("dp"), dp_size=mesh.size(mesh_dim=1),
+                        rank=dist.get_rank(), world_size=world)
 
 
 def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
@@ -75,7 +95,7 @@ def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool)
     """
     if info.mesh is None:
         return model
-    dp_mesh = info.mesh["dp"] if info.mesh.ndim > 1 else info.mesh
+    dp_mesh = info.dp_mesh
     if sharding == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -122,8 +122,9 @@ class Trainer:
             model = model.replace(seq_length=seq_length,
                                   max_position_embeddings=max(model.max_position_embeddings, seq_length))
         if self.vocab is not None and not c.vocab_size_from_flag:
-            model = model.replace(vocab_size=padded_vocab_size(self.vocab.get("vocab_size", self.vocab["image_end_id"] + 1),
-                                                               c.data.make_vocab_size_divisible_by))
+            size = self.vocab.get("vocab_size", self.vocab["image_end_id"] + 1)
+            model = model.replace(vocab_size=padded_vocab_size(size, c.data.make_vocab_size_divisible_by,
+                                                               c.tensor_model_parallel_size))
         if self.vocab is not None and model.vocab_size <= self.vocab["image_end_id"]:
             raise ValueError(f"--vocab-size {model.vocab_size} is too small for the shards' tokenizer "
                              f"(<image_end> is id {self.vocab['image_end_id']})")
@@ -137,23 +138,12 @@ class Trainer:
 
     def _build_model(self) -> None:
         c = self.config
+        self.parallel_model = None
+        if c.model_parallel:
+            self._build_model_parallel()
+            return
         if c.checkpoint.load_hf:
-            from engine.convert import hf_to_chrysalis
-
-            model, hf_vocab = hf_to_chrysalis(c.checkpoint.load_hf, dtype=torch.float32,
-                                              make_vocab_size_divisible_by=c.data.make_vocab_size_divisible_by,
-                                              seed=c.seed)
-            if self.vocab is not None:
-                for key in ("base_vocab_size", "image_start_id", "image_end_id"):
-                    if hf_vocab[key] != self.vocab[key]:
-                        raise ValueError(f"--load-hf {c.checkpoint.load_hf}: {key} {hf_vocab[key]} differs from the "
-                                         f"shards' tokenizer ({self.vocab[key]}); preprocess with that model's tokenizer")
-            self.model_config = model.config.replace(seq_length=self.model_config.seq_length,
-                                                     max_position_embeddings=max(model.config.max_position_embeddings,
-                                                                                 self.model_config.seq_length))
-            model.config = self.model_config
-            model.rope.config = self.model_config
-            model = model.to(self.device)
+            model = self._load_hf_model().to(self.device)
         else:
             model = build_model(self.model_config, device=self.device, dtype=torch.float32, seed=c.seed)
         self.trainable = apply_stage(model, c.stage, c.stage1_train_visual_head)
@@ -167,6 +157,57 @@ class Trainer:
             base = self.vocab["base_vocab_size"] if self.vocab else self.model_config.vocab_size
             self.grad_mask = NewRowGradientMask(self.model, base)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _load_hf_model(self) -> VPiTModel:
+        """--load-hf through the converter; the run's model config becomes the imported model's (full tensors)."""
+        from engine.convert import hf_to_chrysalis
+
+        c = self.config
+        model, hf_vocab = hf_to_chrysalis(
+            c.checkpoint.load_hf, dtype=torch.float32, seed=c.seed,
+            make_vocab_size_divisible_by=c.data.make_vocab_size_divisible_by * c.tensor_model_parallel_size)
+        if self.vocab is not None:
+            for key in ("base_vocab_size", "image_start_id", "image_end_id"):
+                if hf_vocab[key] != self.vocab[key]:
+                    raise ValueError(f"--load-hf {c.checkpoint.load_hf}: {key} {hf_vocab[key]} differs from the "
+                                     f"shards' tokenizer ({self.vocab[key]}); preprocess with that model's tokenizer")
+        self.model_config = model.config.replace(seq_length=self.model_config.seq_length,
+                                                 max_position_embeddings=max(model.config.max_position_embeddings,
+                                                                             self.model_config.seq_length))
+        model.config = self.model_config
+        model.rope.config = self.model_config
+        return model
+
+    def _build_model_parallel(self) -> None:
+        """Tensor/pipeline parallelism: the local model part(s) on the (pp, dp, tp) mesh (engine.parallel)."""
+        from engine.parallel.parallel_model import ParallelVPiT
+        from engine.training.optim import PartOptimizers
+
+        c = self.config
+        if c.bf16:
+            raise ValueError("--bf16 with --tensor/--pipeline-model-parallel-size > 1 is not supported yet; "
+                             "train in fp32 or use data parallelism only")
+        hf_model = self._load_hf_model() if c.checkpoint.load_hf else None
+        pm = ParallelVPiT(self.model_config, c.parallel_config(), self.info.mesh, device=self.device, seed=c.seed,
+                          activation_checkpointing=c.recompute_num_layers != 0)
+        self._log(f"model parallel: tp={c.tensor_model_parallel_size} pp={c.pipeline_model_parallel_size} "
+                  f"dp={self.info.dp_size}; {pm.describe()}")
+        if hf_model is not None:
+            pm.load_full_state_dict(hf_model.state_dict())
+            del hf_model
+        trainable: set[str] = set()
+        for part in pm.parts:
+            trainable.update(apply_stage(part, c.stage, c.stage1_train_visual_head))
+        self.trainable = sorted(trainable)
+        self.parallel_model = self.model = pm
+        self.optimizer = PartOptimizers(pm.parts, c)
+        self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
+        self.grad_mask = None
+        if c.stage == 1:
+            base = self.vocab["base_vocab_size"] if self.vocab else self.model_config.vocab_size
+            masks = [NewRowGradientMask(part, base) for part in pm.parts]
+            self.grad_mask = lambda: [mask() for mask in masks]
+        self.params = [p for p in pm.parameters() if p.requires_grad]
 
     @property
     def core_model(self) -> VPiTModel:
@@ -217,7 +258,10 @@ class Trainer:
                              f"{self.model_config.vocab_size}")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(strict=False))
+        if self.parallel_model is not None:
+            self.parallel_model.load_full_state_dict(loaded.state_dict())
+        else:
+            set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(strict=False))
         self._log(f"loaded model weights from the model checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- steps
@@ -249,6 +293,8 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch. Skips the update (and counts it)
         when the loss or the gradient norm is not finite."""
+        if self.parallel_model is not None:
+            return self._finish_step(*self._parallel_forward_backward(micro_batches))
         text_targets, visual_targets = all_reduce_sum(
             [sum(b.lm_targets for b in micro_batches), sum(b.visual_targets for b in micro_batches)], self.info)
         lm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -262,13 +308,29 @@ class Trainer:
         lm_loss = lm_total / max(text_targets, 1.0)
         visual_loss = visual_total / max(visual_targets, 1.0)
         loss = lm_loss + self.model_config.visual_loss_coef * visual_loss
+        return self._finish_step(loss, lm_loss, visual_loss, text_targets, visual_targets)
+
+    def _parallel_forward_backward(self, micro_batches: Sequence[Batch]) -> tuple[float, float, float, float, float]:
+        """Tensor/pipeline-parallel forward and backward; gradients summed over data-parallel replicas."""
+        parts = self.parallel_model.forward_backward(
+            [{"tokens": b.tokens, **b.model_inputs()} for b in micro_batches])
+        self.parallel_model.reduce_gradients()
+        return (parts["loss"], parts["lm_loss"], parts["visual_loss"], float(parts["lm_tokens"]),
+                float(parts["visual_targets"]))
+
+    def _finish_step(self, loss: float, lm_loss: float, visual_loss: float, text_targets: float,
+                     visual_targets: float) -> dict[str, Any]:
+        """Stage-1 row mask, clipping, and the optimizer step unless the loss or gradient norm is not finite."""
         if self.grad_mask is not None:
             self.grad_mask()
         clip = self.config.optimizer.clip_grad or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        if self.parallel_model is not None:
+            grad_norm = self.parallel_model.clip_grad_norm_(clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
         lr = self.schedule.lr
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
@@ -292,6 +354,13 @@ class Trainer:
         loader = self._loader(self.valid_samples, 0, num_workers=0)
         lm_sum = visual_sum = 0.0
         lm_tokens = visual_targets = 0
+        if self.parallel_model is not None:
+            sums = self.parallel_model.evaluate([{"tokens": b.tokens, **b.model_inputs()} for b in loader])
+            self.model.train()
+            lm_loss = sums["lm_loss_sum"] / max(sums["lm_tokens"], 1)
+            return {"valid_lm_loss": lm_loss, "valid_ppl": math.exp(min(lm_loss, 700.0)),
+                    "valid_visual_cosine": 1.0 - sums["visual_loss_sum"] / sums["visual_targets"]
+                    if sums["visual_targets"] else None}
         for batch in loader:
             batch = batch.to(self.device)
             with self._autocast():
@@ -370,7 +439,7 @@ class Trainer:
                 self.consumed_samples += self.global_batch_size
                 tps = tokens_per_step / step_s
                 record = {"iteration": self.iteration, **result, "tokens_per_sec": tps,
-                          "mfu": tps * self.flops_per_token / (self.peak_flops * self.info.dp_size)
+                          "mfu": tps * self.flops_per_token / (self.peak_flops * self.info.world_size)
                           if self.peak_flops else None,
                           "memory_gib": memory_gib(self.device), "data_wait_s": data_s, "step_s": step_s,
                           "skipped_total": self.skipped_total, "consumed_samples": self.consumed_samples}

@@ -1,0 +1,57 @@
+"""The training loop under tensor and pipeline parallelism: a run saved at TP2 x PP2 resumes at TP1 x PP1 and at
+DP2 x TP2, and the next losses continue as in the uninterrupted single-process run (the checkpoint reshards)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from distributed_launch import REPO, torchrun
+
+ENTRY = REPO / "pretrain_gpt_vision.py"
+ARGS = ["--mock-data", "--model-preset", "tiny", "--seq-length", "256", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3", "--log-interval", "100", "--seed", "7",
+        "--vocab-size", "512"]  # a vocabulary divisible by every TP size, so all layouts share one model
+
+
+def single(*flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(ENTRY), *ARGS, *flags], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=REPO)
+
+
+def losses(path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def test_tp2_pp2_checkpoint_resumes_under_other_layouts(tmp_path):
+    ref = single("--log-jsonl", str(tmp_path / "ref.jsonl"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    first = torchrun(ENTRY, 4, [*ARGS, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                "--save", str(tmp_path / "ck"), "--exit-interval", "3",
+                                "--log-jsonl", str(tmp_path / "a.jsonl")])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "1f1b: stage 0 (pp rank 0): layers 0-1 (2) + embedding+projector" in first.stdout
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck2")
+    tp1 = single("--load", str(tmp_path / "ck"), "--save", str(tmp_path / "ck"),
+                 "--log-jsonl", str(tmp_path / "b.jsonl"))
+    assert tp1.returncode == 0, tp1.stderr[-3000:]
+    dp2tp2 = torchrun(ENTRY, 4, [*ARGS, "--tensor-model-parallel-size", "2", "--load", str(tmp_path / "ck2"),
+                                 "--save", str(tmp_path / "ck2"), "--log-jsonl", str(tmp_path / "c.jsonl")])
+    assert dp2tp2.returncode == 0, dp2tp2.stderr[-3000:]
+
+    reference = losses(tmp_path / "ref.jsonl")
+    assert len(reference) == 6
+    parallel_first = losses(tmp_path / "a.jsonl")
+    assert len(parallel_first) == 3
+    for want, have in zip(reference[:3], parallel_first):
+        assert abs(have - want) <= 1e-5 * want
+    for name in ("b.jsonl", "c.jsonl"):
+        resumed = losses(tmp_path / name)
+        assert len(resumed) == 3, name
+        for want, have in zip(reference[3:], resumed):
+            assert abs(have - want) <= 1e-5 * want, (name, reference[3:], resumed)
+    assert "resumed from" in tp1.stdout and "at iteration 3" in tp1.stdout
