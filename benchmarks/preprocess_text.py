@@ -76,7 +76,7 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
     print(f"corpus: {args.docs} conversations, {words} words ({corpus.stat().st_size / 1e6:.1f} MB); "
-          f"workers {args.workers}; machine: {os.cpu_count()} CPUs")
+          f"workers {args.workers}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
     out = work / "ours"
     if out.exists():

@@ -21,23 +21,25 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from engine.config import TOKENS_PER_IMAGE
-from preprocess.images import ImageSource, decode_embedding
+from engine.tokenizer.chat import encode_conversations
 from preprocess.manifest import FORMAT_VERSION, MANIFEST_NAME, serialize_manifest, sha256_file
 from preprocess.packing import Document, fit_to_length, pack_best_fit_decreasing
-from preprocess.records import RecordError, ShardTask, iter_task_records, parse_record, plan_input
+from preprocess.records import Conversation, RecordError, ShardTask, iter_task_records, parse_record, plan_input
 from preprocess.shards import (
     ROW_BYTES,
     EmbeddingPartWriter,
@@ -49,12 +51,18 @@ from preprocess.shards import (
     write_bytes_atomic,
 )
 
+if TYPE_CHECKING:  # torch, transformers and the image code are imported only once an image is met
+    import torch
+
 PARTS_DIR = "parts"
 BUILD_STATE = "build.json"
 COUNT_KEYS = ("samples_read", "samples_written", "sequences", "documents", "images", "unique_images", "tokens")
 # Test hooks simulating a crash (os._exit, no cleanup) at the two interesting points of a shard.
 CRASH_AFTER_SHARDS_ENV = "CHRYSALIS_PREPROCESS_CRASH_AFTER_SHARDS"
 CRASH_DURING_SHARD_ENV = "CHRYSALIS_PREPROCESS_CRASH_DURING_SHARD"
+# Records parsed, then tokenized with one batched tokenizer call, at a time: the per-call overhead of the
+# tokenizer libraries is larger than the BPE work on a conversation's short pieces.
+ENCODE_CHUNK = 256
 
 
 class BuildError(RuntimeError):
@@ -128,6 +136,8 @@ class _EncoderBackend:
         return self.encoder.decode(blobs)
 
     def encode(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return self.encoder.encode_pixels(torch.stack(decoded))
 
 
@@ -141,6 +151,8 @@ class _PrecomputedBackend:
         return {"name": "precomputed", "fingerprint": None, "declared_encoder": self.name}
 
     def decode_batch(self, blobs):
+        from preprocess.images import decode_embedding
+
         out = []
         for blob in blobs:
             try:
@@ -150,11 +162,74 @@ class _PrecomputedBackend:
         return out
 
     def encode(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.stack(decoded).to(torch.bfloat16)
 
 
 def build_backend(config: BuildConfig):
     return _PrecomputedBackend(config) if config.embeddings_dir else _EncoderBackend(config)
+
+
+class BackendInBackground:
+    """The image backend, built on a thread of its own from the start of the build (rank 0).
+
+    Building the SigLIP encoder (importing torch and transformers' SigLIP, making the weights, hashing them
+    for the fingerprint) costs about 7 s of CPU, more than tokenizing 10,000 conversations. Rank 0 always
+    needs its description (build.json, manifest), but a text-only build never needs the encoder itself, so
+    the build does not wait for it: the workers' start and their tokenizing run meanwhile. A spec that is
+    neither a directory nor a `*-random` name is built at once, so its error comes before any work.
+
+    `run_build` joins the thread before it returns or raises: the random encoders are made under torch's
+    global RNG, so two constructions must never overlap (the lock covers concurrent builds in one process).
+    """
+
+    _construction = threading.Lock()
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config
+        self._backend = None
+        self._description: dict | None = None
+        self._error: BaseException | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._build, name="image-backend", daemon=True)
+        spec = config.vision_encoder or ""
+        if not (config.embeddings_dir or Path(spec).is_dir() or spec.endswith("-random")):
+            self.get()
+
+    def start(self) -> None:
+        """Build on the background thread from now on (no-op once built)."""
+        if not self._done and self._thread.ident is None:
+            self._thread.start()
+
+    def _build(self) -> None:
+        try:
+            with self._construction:
+                self._backend = build_backend(self.config)
+                self._description = self._backend.describe()
+        except BaseException as error:  # noqa: BLE001 - raised in the caller's thread by get()
+            self._error = error
+        self._done = True
+
+    def join(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def get(self):
+        """The backend (built here if the thread was not started; waits for it otherwise)."""
+        if self._thread.ident is not None:
+            self._thread.join()
+        elif not self._done:
+            self._build()
+        if isinstance(self._error, (OSError, ValueError, RuntimeError)):
+            raise BuildError(f"--vision-encoder {self.config.vision_encoder}: {self._error}") from None
+        if self._error is not None:
+            raise self._error
+        return self._backend
+
+    def description(self) -> dict:
+        self.get()
+        return self._description
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -185,14 +260,17 @@ class _ShardState:
 class ShardProcessor:
     """Turns ShardTasks into shard files; one per process (it holds the tokenizer and the encoder)."""
 
-    def __init__(self, config: BuildConfig, input_names: list[str], progress=None, backend=None) -> None:
+    def __init__(self, config: BuildConfig, input_names: list[str], progress=None,
+                 backend: BackendInBackground | None = None, torch_threads: int | None = None) -> None:
         from engine.tokenizer import build_tokenizer
 
         self.config = config
         self.input_names = input_names
         self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
-        self._backend = backend
-        self.source = ImageSource(config.image_root, config.embeddings_dir)
+        self._shared_backend = backend
+        self._backend = None
+        self._source = None
+        self.torch_threads = torch_threads
         self.out = Path(config.output)
         self.progress = progress or (lambda samples, tokens, images: None)
         self.completed = 0
@@ -201,8 +279,24 @@ class ShardProcessor:
     def backend(self):
         """Built on first use: a worker that only meets text never loads the encoder (seconds per process)."""
         if self._backend is None:
-            self._backend = build_backend(self.config)
+            if self._shared_backend is not None:
+                self._backend = self._shared_backend.get()
+            else:
+                if self.torch_threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self.torch_threads)
+                self._backend = build_backend(self.config)
         return self._backend
+
+    @property
+    def source(self):
+        """The image reader, made on first use (it imports torch, which text needs nowhere)."""
+        if self._source is None:
+            from preprocess.images import ImageSource
+
+            self._source = ImageSource(self.config.image_root, self.config.embeddings_dir)
+        return self._source
 
     # -- record level -------------------------------------------------------------------------------------
     def _reject(self, state: _ShardState, line: int, record_id: str | None, error: Exception) -> None:
@@ -213,9 +307,24 @@ class ShardProcessor:
         state.rejects.append(entry)
         state.skipped[reason] += 1
 
-    def _read_record(self, state: _ShardState, raw) -> None:
-        from engine.tokenizer.chat import encode_conversation
+    def _parse_and_encode(self, chunk: list) -> list:
+        """Per raw record: (Conversation, EncodedConversation), (RecordError, None) or (None, None) for a
+        record that failed to read. All conversations of the chunk are tokenized in one batched call."""
+        parsed = []
+        for raw in chunk:
+            if raw.error is not None:
+                parsed.append(None)
+                continue
+            try:
+                parsed.append(parse_record(raw.value, raw.line))
+            except RecordError as error:
+                parsed.append(error)
+        conversations = [item for item in parsed if isinstance(item, Conversation)]
+        encoded = iter(encode_conversations([c.turns for c in conversations], self.tokenizer,
+                                            self.config.chat_template, TOKENS_PER_IMAGE))
+        return [(item, next(encoded) if isinstance(item, Conversation) else None) for item in parsed]
 
+    def _read_record(self, state: _ShardState, raw, parsed, encoded) -> None:
         config = self.config
         state.counts["samples_read"] += 1
         if raw.error is not None:
@@ -224,9 +333,10 @@ class ShardProcessor:
         record_id = raw.value.get("id") if isinstance(raw.value, dict) else None
         record_id = None if record_id is None else str(record_id)
         try:
-            conversation = parse_record(raw.value, raw.line)
+            if isinstance(parsed, RecordError):
+                raise parsed
+            conversation = parsed
             record_id = conversation.id
-            encoded = encode_conversation(conversation.turns, self.tokenizer, config.chat_template, TOKENS_PER_IMAGE)
             end, truncated = fit_to_length(encoded, config.seq_length, TOKENS_PER_IMAGE, config.overlong,
                                            [turn.role for turn in conversation.turns])
             kept = [span for span in encoded.images if span.slot_start + TOKENS_PER_IMAGE < end]
@@ -302,12 +412,14 @@ class ShardProcessor:
         part_base = self.out / PARTS_DIR / f"shard-{task.shard:05d}"
         self._embedding_writer = EmbeddingPartWriter(str(part_base) + ".emb")
         self._reported = (0, 0, 0)
-        for raw in iter_task_records(task):
-            self._read_record(state, raw)
-            if len(state.pending) >= 256:
-                self._resolve(state, final=False)
-            elif state.counts["samples_read"] - self._reported[0] >= 256:
-                self._report(state)
+        records = iter_task_records(task)
+        while chunk := list(itertools.islice(records, ENCODE_CHUNK)):
+            for raw, (parsed, encoded) in zip(chunk, self._parse_and_encode(chunk)):
+                self._read_record(state, raw, parsed, encoded)
+                if len(state.pending) >= 256:
+                    self._resolve(state, final=False)
+                elif state.counts["samples_read"] - self._reported[0] >= 256:
+                    self._report(state)
         self._resolve(state, final=True)
         self._embedding_writer.commit()
 
@@ -350,8 +462,7 @@ _WORKER: ShardProcessor | None = None
 
 def _init_worker(config: BuildConfig, input_names: list[str], queue, threads: int) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
-    _WORKER = ShardProcessor(config, input_names, progress=lambda *delta: queue.put(delta))
+    _WORKER = ShardProcessor(config, input_names, progress=lambda *delta: queue.put(delta), torch_threads=threads)
 
 
 def _run_task(task: ShardTask) -> dict:
@@ -496,8 +607,18 @@ def _remove_temp_files(out: Path) -> None:
                 path.unlink()
 
 
-def _prepare(config: BuildConfig, backend_description: dict, tokenizer) -> dict:
-    """Rank 0: check the output directory, plan the shards, save the tokenizer, write build.json."""
+def _encoder_request(config: BuildConfig) -> dict:
+    """The flags that choose the image backend: recorded in build.json until its description is known."""
+    return {"vision_encoder": config.vision_encoder, "embeddings_dir": config.embeddings_dir,
+            "image_decoder": config.image_decoder, "device": config.device}
+
+
+def _prepare(config: BuildConfig, backend: BackendInBackground, tokenizer) -> dict:
+    """Rank 0: check the output directory, plan the shards, save the tokenizer, write build.json.
+
+    build.json records the encoder's description once it is known (see `_record_backend`); until then
+    (`vision_encoder` null) the flags that choose the encoder stand in for it on --resume.
+    """
     out = Path(config.output)
     if (out / MANIFEST_NAME).exists():
         if config.resume:
@@ -516,13 +637,16 @@ def _prepare(config: BuildConfig, backend_description: dict, tokenizer) -> dict:
         "settings": config.output_settings(),
         "inputs": [{"path": p.path, "kind": p.kind, "sha256": p.sha256, "records": p.records} for p in plans],
         "tokenizer_fingerprint": tokenizer.fingerprint(),
-        "vision_encoder": backend_description,
+        "vision_encoder": None,
+        "vision_encoder_request": _encoder_request(config),
         "tasks": [dataclasses.asdict(task) for plan in plans for task in plan.tasks],
     }
     state_path = out / BUILD_STATE
     if config.resume and state_path.exists():
         previous = json.loads(state_path.read_text())
-        differing = sorted(key for key in state if state[key] != previous.get(key))
+        state["vision_encoder"] = backend.description()  # resuming waits for it: it must match
+        differing = sorted(key for key in state if state[key] != previous.get(key)
+                           and not (key == "vision_encoder" and previous.get(key) is None))
         if differing:
             raise BuildError(f"--resume: {', '.join(differing)} differ from the interrupted build in {out}; "
                              "resume with the same inputs and flags, or start a new --output")
@@ -537,6 +661,13 @@ def _prepare(config: BuildConfig, backend_description: dict, tokenizer) -> dict:
         os.replace(tmp, out / "tokenizer")
     write_bytes_atomic(state_path, json.dumps(state, sort_keys=True, indent=1).encode())
     return state
+
+
+def _record_backend(config: BuildConfig, state: dict, backend: BackendInBackground) -> None:
+    """Rank 0, after the shards: wait for the encoder's description and record it in build.json."""
+    if state["vision_encoder"] is None:
+        state["vision_encoder"] = backend.description()
+        write_bytes_atomic(Path(config.output) / BUILD_STATE, json.dumps(state, sort_keys=True, indent=1).encode())
 
 
 def _part_done(out: Path, task: dict) -> bool:
@@ -612,18 +743,29 @@ def run_build(config: BuildConfig) -> dict:
     from engine.tokenizer import build_tokenizer
 
     collective = _Collective(mpi_communicator())
-    out = Path(config.output)
     started = time.monotonic()
     try:
         tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
     except (OSError, ValueError) as error:
         raise BuildError(f"--tokenizer-model {config.tokenizer_model}: {error}") from None
     _check_template(config, tokenizer)
+    started_backend: list[BackendInBackground] = []
+    # Only rank 0 needs the encoder's description; a bad spec is still reported on every rank.
+    collective.run_on_root(lambda: started_backend.append(BackendInBackground(config)))
+    backend = started_backend[0] if started_backend else None
     try:
-        backend = build_backend(config)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BuildError(f"--vision-encoder {config.vision_encoder}: {error}") from None
-    state = collective.run_on_root(lambda: _prepare(config, backend.describe(), tokenizer))
+        return _run_build(config, collective, tokenizer, backend, started)
+    finally:
+        if backend is not None:
+            backend.join()
+
+
+def _run_build(config: BuildConfig, collective: _Collective, tokenizer, backend: BackendInBackground | None,
+               started: float) -> dict:
+    out = Path(config.output)
+    state = collective.run_on_root(lambda: _prepare(config, backend, tokenizer))
+    if backend is not None:
+        backend.start()  # after _prepare: its errors (output directory, inputs) need no encoder
     if state.get("complete"):
         if collective.rank == 0:
             print(f"{out}: build already complete, nothing to resume", file=sys.stderr)
@@ -649,6 +791,7 @@ def run_build(config: BuildConfig) -> dict:
     if any(errors):
         raise next(e for e in errors if e is not None)
 
+    collective.run_on_root(lambda: _record_backend(config, state, backend))
     plan = collective.run_on_root(lambda: _assign_rows(out, len(tasks)))
     summaries, keeps, maps, row_hashes = plan
     files: dict[str, list] = {}

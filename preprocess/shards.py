@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from engine.config import TOKENS_PER_IMAGE, VISION_DIM
+
+if TYPE_CHECKING:  # imported where used: writing text-only shards needs no torch
+    import torch
 
 SHARD_DIR = "shards"
 EMBEDDING_DIR = "embeddings"
@@ -84,22 +88,44 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
 # -------------------------------------------------------------------------------------------------------------
 # Writing
 # -------------------------------------------------------------------------------------------------------------
+# Megatron's IndexedDataset index format, version 1 (megatron.core.datasets.indexed_dataset); see
+# docs/data_format.md. Codes of the dtypes we write.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}
+
+
 class _AtomicIndexedDataset:
-    """An IndexedDatasetBuilder writing to temp names, renamed into place by `commit`."""
+    """One Megatron IndexedDataset (.bin + .idx) written to temp names, renamed into place by `commit`.
+
+    We write the format here instead of through megatron-core's `IndexedDatasetBuilder` because importing
+    that module imports all of megatron.core and torch: 2-4 s of start-up in every worker process, more
+    than tokenizing a shard of text takes. The bytes are the builder's (one item = one document per packed
+    sequence); the tests open every stream with megatron's own `IndexedDataset` reader.
+    """
 
     def __init__(self, prefix: str, dtype) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.prefix = prefix
-        self.builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=dtype)
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
+        self.handle = open(prefix + ".bin.tmp", "wb")
+        self.lengths: list[int] = []
 
     def add(self, array: np.ndarray) -> None:
         # One item, one document: each packed sequence is an independent training sample.
-        self.builder.add_document(np.ascontiguousarray(array, dtype=self.dtype), [int(array.size)])
+        self.handle.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self.lengths.append(int(array.size))
 
     def commit(self) -> None:
-        self.builder.finalize(self.prefix + ".idx.tmp")
+        self.handle.close()
+        count = len(self.lengths)
+        lengths = np.asarray(self.lengths, dtype=np.int32)
+        pointers = np.zeros(count, dtype=np.int64)  # byte offset of each sequence in the .bin
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(count + 1, dtype=np.int64)  # sequence i is document i
+        with open(self.prefix + ".idx.tmp", "wb") as index:
+            index.write(_INDEX_HEADER + struct.pack("<QB", _INDEX_VERSION, _DTYPE_CODES[self.dtype]))
+            index.write(struct.pack("<QQ", count, documents.size))
+            index.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
         replace_atomic(self.prefix + ".bin.tmp", self.prefix + ".bin")
         replace_atomic(self.prefix + ".idx.tmp", self.prefix + ".idx")
 
@@ -180,6 +206,8 @@ class EmbeddingPartWriter:
         self.rows = 0
 
     def append(self, rows: torch.Tensor) -> None:
+        import torch
+
         if rows.dtype != torch.bfloat16 or tuple(rows.shape[1:]) != ROW_SHAPE:
             raise ValueError(f"embedding rows must be bf16 [n, {ROW_SHAPE[0]}, {ROW_SHAPE[1]}], got "
                              f"{rows.dtype} {tuple(rows.shape)}")
@@ -329,6 +357,8 @@ class ShardReader:
 
     def embeddings(self, rows) -> torch.Tensor:
         """Global embedding rows -> bf16 [n, 64, 1152] (a fresh tensor, safe to pin / move to GPU)."""
+        import torch
+
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         out = np.empty((rows.shape[0], *ROW_SHAPE), dtype="<i2")
         if rows.size:

@@ -260,3 +260,79 @@ def test_empty_conversation(tokenizers: dict[str, ChrysalisTokenizer]) -> None:
     tokenizer = tokenizers["tiktoken"]
     encoded = encode_conversation([], tokenizer, "llama3")
     assert encoded == EncodedConversation(tokens=[tokenizer.bos_id], loss_mask=[0], images=[], turn_starts=[])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path (cached template pieces, batched content encoding) against plain per-piece encoding
+# ---------------------------------------------------------------------------------------------------------
+def _reference_encoding(turns: list[Turn], tokenizer: ChrysalisTokenizer, template: str) -> EncodedConversation:
+    """The template spelled out with one `encode` / `encode_continuation` call per piece, no cache, no batch."""
+    result = EncodedConversation()
+    state = {"first": True}
+
+    def ids(values: list[int], target: bool) -> None:
+        result.tokens.extend(values)
+        result.loss_mask.extend([int(target)] * len(values))
+
+    def text(value: str, target: bool) -> None:
+        ids(tokenizer.encode(value) if state["first"] else tokenizer.encode_continuation(value), target)
+        state["first"] = False
+
+    special = tokenizer.special_token_id
+    if template == "llama3":
+        ids([special("<|begin_of_text|>")], False)
+    elif tokenizer.bos_id is not None:
+        ids([tokenizer.bos_id], False)
+    for turn in turns:
+        target = turn.role == "assistant"
+        result.turn_starts.append(len(result.tokens))
+        if template == "llama3":
+            ids([special("<|start_header_id|>")], False)
+            text(turn.role, False)
+            ids([special("<|end_header_id|>")], False)
+            text("\n\n", False)
+        else:
+            text({"system": "System: ", "user": "User: ", "assistant": "Assistant: "}[turn.role], False)
+        for index, piece in enumerate(turn.content.strip().split("<image>")):
+            if index:
+                ids([tokenizer.image_start_id], target)
+                result.images.append(ImageSpan(len(result.images), len(result.tokens), target))
+                ids([tokenizer.image_start_id] * TOKENS_PER_IMAGE + [tokenizer.image_end_id], target)
+            if piece:
+                text(piece, target)
+        if template == "llama3":
+            ids([special("<|eot_id|>")], target)
+        else:
+            if target:
+                ids([tokenizer.eos_id], True)
+            text("\n", False)
+    return result
+
+
+FAST_PATH_CONVERSATIONS = [
+    CONVERSATION,
+    [Turn("user", "  hi  "), Turn("assistant", "<image>")],
+    [Turn("user", "<image><image>x<image>"), Turn("assistant", "y\n\n z <|eot_id|> <image_start>"),
+     Turn("user", ""), Turn("assistant", "café naïve 🦋 \t tabs")],
+    [Turn("system", "\n"), Turn("user", "A" * 30_000), Turn("assistant", " " * 50 + "end")],
+]
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "huggingface", "sentencepiece"])
+@pytest.mark.parametrize("template", ["llama3", "plain"])
+def test_batched_encoding_equals_per_piece_encoding(
+    tokenizers: dict[str, ChrysalisTokenizer], kind: str, template: str
+) -> None:
+    from engine.tokenizer.chat import encode_conversations
+
+    tokenizer = tokenizers[kind]
+    if template == "llama3" and kind == "sentencepiece":
+        pytest.skip("the tiny SentencePiece model has no LLaMA-3 special tokens")
+    expected = [_reference_encoding(turns, tokenizer, template) for turns in FAST_PATH_CONVERSATIONS]
+    # Twice: the second pass reads the template pieces from the per-tokenizer cache.
+    for _ in range(2):
+        assert encode_conversations(FAST_PATH_CONVERSATIONS, tokenizer, template, TOKENS_PER_IMAGE) == expected
+        assert [encode_conversation(turns, tokenizer, template, TOKENS_PER_IMAGE)
+                for turns in FAST_PATH_CONVERSATIONS] == expected
+    pieces = ["hello", "", " two  spaces", "\n", "A" * 30_000, "<|eot_id|>", "ünïcödé 日本"]
+    assert tokenizer.encode_continuation_batch(pieces) == [tokenizer.encode_continuation(p) for p in pieces]

@@ -23,6 +23,11 @@ SentencePiece leaves out the dummy-prefix space. Training and generation
 prompts are built the same way, so a generation prompt is exactly the prefix
 the model saw before the reply during training.
 
+Only the calls are shared, never the pieces: the ids of the template text are
+cached per tokenizer, and the content pieces of one conversation (or, through
+`encode_conversations`, of many) go to the tokenizer's batch method in one call.
+The ids are exactly those of one `encode` call per piece (tested against that).
+
 Each `<image>` in content becomes `<image_start>`, `tokens_per_image` slot
 positions holding `image_start_id` as a placeholder (the model overwrites them
 with visual embeddings), and `<image_end>`.
@@ -36,6 +41,7 @@ and user turns (their images included), and plain's "\\n" after EOS.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -100,51 +106,98 @@ class EncodedConversation:
     turn_starts: list[int] = field(default_factory=list)
 
 
-class _ConversationBuilder:
-    """Accumulates tokens, loss mask and image spans for one conversation."""
+# Token ids of the template's own text pieces ("User: ", "\n", role names, ...), per tokenizer and per
+# (text, at_text_start): they are the same in every conversation, so each is encoded once per process.
+_TEMPLATE_PIECE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, tokenizer: ChrysalisTokenizer, tokens_per_image: int) -> None:
+
+def _template_piece_ids(tokenizer: ChrysalisTokenizer, text: str, at_text_start: bool) -> list[int]:
+    cache = _TEMPLATE_PIECE_IDS.setdefault(tokenizer, {})
+    key = (text, at_text_start)
+    ids = cache.get(key)
+    if ids is None:
+        ids = tokenizer.encode(text) if at_text_start else tokenizer.encode_continuation(text)
+        cache[key] = ids
+    return ids
+
+
+def _encode_content_pieces(tokenizer: ChrysalisTokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode_continuation` of every text, in one call where the backend has a batch method."""
+    batch = getattr(tokenizer, "encode_continuation_batch", None)
+    if batch is not None:
+        return batch(texts)
+    return [tokenizer.encode_continuation(text) for text in texts]
+
+
+# A planned conversation is a list of parts, each (kind, value, is_target):
+#   _IDS   value = ids known already (special tokens, cached template text, image blocks)
+#   _TEXT  value = index into the list of content pieces encoded in one batch afterwards
+#   _IMAGE value = None (an image block; its span is recorded when the parts are assembled)
+_IDS, _TEXT, _IMAGE = 0, 1, 2
+
+
+class _ConversationPlanner:
+    """Lays out one conversation as parts; content text is collected for one batched encode.
+
+    Each piece of template text and each piece of content between `<image>` placeholders is still encoded
+    on its own (BPE merges never cross those boundaries); only the calls into the tokenizer are batched.
+    The first text piece of a conversation is encoded with `encode`, every later one with
+    `encode_continuation` (they differ for SentencePiece only).
+    """
+
+    def __init__(self, tokenizer: ChrysalisTokenizer, content_texts: list[str]) -> None:
         self.tokenizer = tokenizer
-        self.tokens_per_image = tokens_per_image
-        self.result = EncodedConversation()
-        # Whether no text has been encoded yet; later pieces continue that text.
+        self.content_texts = content_texts  # shared by every conversation of one batch
+        self.parts: list[tuple[int, object, bool]] = []
+        self.turn_parts: list[int] = []  # index into parts where each turn starts
         self.at_text_start = True
 
     def add_ids(self, ids: Sequence[int], is_target: bool) -> None:
-        self.result.tokens.extend(ids)
-        self.result.loss_mask.extend([int(is_target)] * len(ids))
+        self.parts.append((_IDS, ids, is_target))
 
-    def add_text(self, text: str, is_target: bool) -> None:
-        if self.at_text_start:
-            ids = self.tokenizer.encode(text)
-        else:
-            ids = self.tokenizer.encode_continuation(text)
+    def add_template_text(self, text: str, is_target: bool) -> None:
+        self.parts.append((_IDS, _template_piece_ids(self.tokenizer, text, self.at_text_start), is_target))
         self.at_text_start = False
-        self.add_ids(ids, is_target)
 
     def add_content(self, content: str, is_response: bool) -> None:
-        """Add message content, expanding each `<image>` into image tokens."""
-        text_pieces = content.split(IMAGE_PLACEHOLDER)
-        for piece_index, text in enumerate(text_pieces):
+        """Add message content, expanding each `<image>` into an image block."""
+        for piece_index, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
             if piece_index > 0:
-                self.add_image(is_response)
+                self.parts.append((_IMAGE, None, is_response))
             if text:
-                self.add_text(text, is_response)
-
-    def add_image(self, is_response: bool) -> None:
-        tokenizer = self.tokenizer
-        self.add_ids([tokenizer.image_start_id], is_response)
-        span = ImageSpan(
-            image_index=len(self.result.images),
-            slot_start=len(self.result.tokens),
-            is_response=is_response,
-        )
-        self.result.images.append(span)
-        self.add_ids([tokenizer.image_start_id] * self.tokens_per_image, is_response)
-        self.add_ids([tokenizer.image_end_id], is_response)
+                if self.at_text_start:  # no template text before it (no template does this today)
+                    self.parts.append((_IDS, self.tokenizer.encode(text), is_response))
+                    self.at_text_start = False
+                else:
+                    self.parts.append((_TEXT, len(self.content_texts), is_response))
+                    self.content_texts.append(text)
 
     def mark_turn_start(self) -> None:
-        self.result.turn_starts.append(len(self.result.tokens))
+        self.turn_parts.append(len(self.parts))
+
+
+def _assemble(planner: _ConversationPlanner, content_ids: list[list[int]], tokenizer: ChrysalisTokenizer,
+              tokens_per_image: int) -> EncodedConversation:
+    result = EncodedConversation()
+    tokens, loss_mask = result.tokens, result.loss_mask
+    turn_parts = planner.turn_parts
+    next_turn = 0
+    image_block = [tokenizer.image_start_id] * (tokens_per_image + 1) + [tokenizer.image_end_id]
+    for index, (kind, value, is_target) in enumerate(planner.parts):
+        while next_turn < len(turn_parts) and turn_parts[next_turn] == index:
+            result.turn_starts.append(len(tokens))
+            next_turn += 1
+        if kind == _TEXT:
+            ids = content_ids[value]
+        elif kind == _IMAGE:
+            result.images.append(ImageSpan(len(result.images), len(tokens) + 1, is_target))
+            ids = image_block
+        else:
+            ids = value
+        tokens.extend(ids)
+        loss_mask.extend([1 if is_target else 0] * len(ids))
+    result.turn_starts.extend([len(tokens)] * (len(turn_parts) - next_turn))  # turns that added no part
+    return result
 
 
 def _check_arguments(
@@ -167,12 +220,60 @@ def _check_arguments(
                 )
 
 
-def _add_llama3_header(builder: _ConversationBuilder, role: str) -> None:
-    tokenizer = builder.tokenizer
-    builder.add_ids([tokenizer.special_token_id("<|start_header_id|>")], is_target=False)
-    builder.add_text(role, is_target=False)
-    builder.add_ids([tokenizer.special_token_id("<|end_header_id|>")], is_target=False)
-    builder.add_text("\n\n", is_target=False)
+def _add_llama3_header(planner: _ConversationPlanner, role: str) -> None:
+    tokenizer = planner.tokenizer
+    planner.add_ids([tokenizer.special_token_id("<|start_header_id|>")], is_target=False)
+    planner.add_template_text(role, is_target=False)
+    planner.add_ids([tokenizer.special_token_id("<|end_header_id|>")], is_target=False)
+    planner.add_template_text("\n\n", is_target=False)
+
+
+def _plan(planner: _ConversationPlanner, turns: Sequence[Turn], template: str, add_generation_prompt: bool) -> None:
+    tokenizer = planner.tokenizer
+    if template == "llama3":
+        planner.add_ids([tokenizer.special_token_id("<|begin_of_text|>")], is_target=False)
+        eot_id = [tokenizer.special_token_id("<|eot_id|>")]
+        for turn in turns:
+            is_response = turn.role == "assistant"
+            planner.mark_turn_start()
+            _add_llama3_header(planner, turn.role)
+            planner.add_content(turn.content.strip(), is_response)
+            planner.add_ids(eot_id, is_target=is_response)
+        if add_generation_prompt:
+            _add_llama3_header(planner, "assistant")
+    else:
+        if tokenizer.bos_id is not None:
+            planner.add_ids([tokenizer.bos_id], is_target=False)
+        for turn in turns:
+            is_response = turn.role == "assistant"
+            planner.mark_turn_start()
+            planner.add_template_text(f"{_PLAIN_ROLE_NAMES[turn.role]}: ", is_target=False)
+            planner.add_content(turn.content.strip(), is_response)
+            if is_response:
+                planner.add_ids([tokenizer.eos_id], is_target=True)
+            planner.add_template_text("\n", is_target=False)
+        if add_generation_prompt:
+            planner.add_template_text(f"{_PLAIN_ROLE_NAMES['assistant']}: ", is_target=False)
+
+
+def _build_many(
+    conversations: Sequence[Sequence[Turn]],
+    tokenizer: ChrysalisTokenizer,
+    template: str,
+    tokens_per_image: int,
+    add_generation_prompt: bool,
+) -> list[EncodedConversation]:
+    if not conversations:
+        _check_arguments([], tokenizer, template, tokens_per_image)
+    content_texts: list[str] = []
+    planners = []
+    for turns in conversations:
+        _check_arguments(turns, tokenizer, template, tokens_per_image)
+        planner = _ConversationPlanner(tokenizer, content_texts)
+        _plan(planner, turns, template, add_generation_prompt)
+        planners.append(planner)
+    content_ids = _encode_content_pieces(tokenizer, content_texts)
+    return [_assemble(planner, content_ids, tokenizer, tokens_per_image) for planner in planners]
 
 
 def _build(
@@ -182,33 +283,24 @@ def _build(
     tokens_per_image: int,
     add_generation_prompt: bool,
 ) -> EncodedConversation:
-    _check_arguments(turns, tokenizer, template, tokens_per_image)
-    builder = _ConversationBuilder(tokenizer, tokens_per_image)
-    if template == "llama3":
-        builder.add_ids([tokenizer.special_token_id("<|begin_of_text|>")], is_target=False)
-        eot_id = tokenizer.special_token_id("<|eot_id|>")
-        for turn in turns:
-            is_response = turn.role == "assistant"
-            builder.mark_turn_start()
-            _add_llama3_header(builder, turn.role)
-            builder.add_content(turn.content.strip(), is_response)
-            builder.add_ids([eot_id], is_target=is_response)
-        if add_generation_prompt:
-            _add_llama3_header(builder, "assistant")
-    else:
-        if tokenizer.bos_id is not None:
-            builder.add_ids([tokenizer.bos_id], is_target=False)
-        for turn in turns:
-            is_response = turn.role == "assistant"
-            builder.mark_turn_start()
-            builder.add_text(f"{_PLAIN_ROLE_NAMES[turn.role]}: ", is_target=False)
-            builder.add_content(turn.content.strip(), is_response)
-            if is_response:
-                builder.add_ids([tokenizer.eos_id], is_target=True)
-            builder.add_text("\n", is_target=False)
-        if add_generation_prompt:
-            builder.add_text(f"{_PLAIN_ROLE_NAMES['assistant']}: ", is_target=False)
-    return builder.result
+    return _build_many([turns], tokenizer, template, tokens_per_image, add_generation_prompt)[0]
+
+
+def encode_conversations(
+    conversations: Sequence[Sequence[Turn]],
+    tokenizer: ChrysalisTokenizer,
+    template: str,
+    tokens_per_image: int = 64,
+) -> list[EncodedConversation]:
+    """`[encode_conversation(turns, ...) for turns in conversations]`, with one batched tokenizer call.
+
+    The ids are exactly those of encoding each conversation alone (every piece is still encoded on its
+    own); preprocessing uses this to pay the tokenizer's per-call overhead once per chunk of records.
+
+    Raises:
+        ValueError: as `encode_conversation`, for any of the conversations.
+    """
+    return _build_many(conversations, tokenizer, template, tokens_per_image, add_generation_prompt=False)
 
 
 def encode_conversation(

@@ -91,6 +91,17 @@ class SentencePieceTokenizer(ChrysalisTokenizer):
             return self.encode(text)
         return ids[len(sentinel_ids) :]
 
+    def encode_continuation_batch(self, texts: list[str]) -> list[list[int]]:
+        """`[self.encode_continuation(t) for t in texts]` with one batched SentencePiece call."""
+        if not texts:
+            return []
+        sentinel_ids = self.encode(_CONTINUATION_SENTINEL)
+        size = len(sentinel_ids)
+        # num_threads=1: workers already use every core; SentencePiece's pool would only oversubscribe.
+        batch = self._processor.encode([_CONTINUATION_SENTINEL + text for text in texts], out_type=int,
+                                       num_threads=1)
+        return [ids[size:] if ids[:size] == sentinel_ids else self.encode(text) for ids, text in zip(batch, texts)]
+
     def _decode_base(self, ids: list[int], at_start: bool) -> str:
         # SentencePiece decodes control pieces to "" and unknown to " ⁇ "; we want
         # them visible as their own text, so decode the ordinary runs between them.
