@@ -1,27 +1,24 @@
 """Chrysalis: a Megatron-style pretraining engine for Visual-Predictive Instruction Tuning (VPiT)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The user's layout keeps Triton kernels in `kernels/`. Installing that directory under the import name
 # `kernels` would overwrite Hugging Face's well-known `kernels` distribution (and `transformers` probes for
 # it), so it is installed as `chrysalis_kernels`. The source folder has no `__init__.py`: from the repo
 # root it is at most a namespace portion, which never shadows a real `kernels` package and which
 # transformers' probe reports as absent (see tests/test_packaging.py).
-PACKAGES = [
-    "engine",
-    "engine.model",
-    "engine.tokenizer",
-    "preprocess",
-    "chrysalis_kernels",
-]
+PACKAGES = find_packages(include=["engine", "engine.*", "preprocess", "preprocess.*"]) + ["chrysalis_kernels"]
 
 EXTRAS = {
+    # Everything the CPU test suite exercises (MPI's runtime comes from the system: see .ci/run).
     "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "sentencepiece", "tiktoken", "tokenizers",
-            "scikit-image", "pillow"],
+            "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.30", "mpi4py"],
     # DALI comes from NVIDIA's package index (nvidia-dali-cuda120); the PIL decoder is the portable fallback.
     "data": ["transformers>=4.45", "mpi4py", "pillow", "sentencepiece", "tiktoken", "tokenizers", "tqdm"],
+    "train": ["tensorboard", "matplotlib"],
     "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
     "viz": ["diffusers>=0.30", "transformers>=4.45", "pillow"],
+    "wandb": ["wandb"],
 }
 
 setup(
