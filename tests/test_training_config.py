@@ -54,3 +54,17 @@ def test_warmup_then_cosine_to_min_lr():
     assert opt.param_groups[0]["lr"] == 0.5
     fraction = WarmupDecaySchedule(opt, OptimizerConfig(lr=1.0, lr_warmup_fraction=0.1), train_iters=100)
     assert fraction.warmup == 10
+
+
+def test_help_renders():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "pretrain_gpt_vision.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
+                 "--num-layers-per-virtual-pipeline-stage", "--data-path", "--exit-interval"):
+        assert flag in result.stdout

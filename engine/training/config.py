@@ -262,7 +262,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--micro-batch-size": ("", "micro_batch_size", int, ""),
     "--global-batch-size": ("", "global_batch_size", int, "default: micro-batch x data-parallel size"),
     "--train-iters": ("", "train_iters", int, "length of the run (and of the LR schedule)"),
-    "--exit-interval": ("", "exit_interval", int, "save and exit when iteration % N == 0"),
+    "--exit-interval": ("", "exit_interval", int, "save and exit when iteration %% N == 0"),
     "--seed": ("", "seed", int, "initialisation and data order"),
     "--stage": ("", "stage", int, "1: projector + new token rows; 2: everything"),
     "--stage1-train-visual-head": ("", "stage1_train_visual_head", bool, "also train the visual head in stage 1"),
