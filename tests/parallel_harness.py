@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--vpp-layers", type=int, default=None, help="--num-layers-per-virtual-pipeline-stage")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-microbatches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)
@@ -86,7 +87,7 @@ def main() -> None:
                               sequence_parallel=args.sequence_parallel,
                               data_parallel_sharding="fsdp" if args.fsdp else "none")
     mesh = build_device_mesh(parallel, "cpu")
-    model = ParallelVPiT(config, parallel, mesh, device="cpu", seed=1234)
+    model = ParallelVPiT(config, parallel, mesh, device="cpu", seed=1234, activation_checkpointing=args.recompute)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, foreach=False)
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(mesh_dim=1)
     per_rank = args.global_microbatches // dp_size

@@ -42,6 +42,7 @@ LAYOUTS = {
     "tp2xpp2-sp": (4, "--tp", "2", "--pp", "2", "--sequence-parallel"),
     "dp2xtp2": (4, "--tp", "2"),
     "dp2xpp2-fsdp": (4, "--pp", "2", "--fsdp"),
+    "tp2xpp2-recompute": (4, "--tp", "2", "--pp", "2", "--recompute"),
 }
 
 

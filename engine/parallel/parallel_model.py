@@ -98,12 +98,13 @@ class ParallelVPiT:
             yield p
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Whole-model parameter names (activation-checkpoint wrappers' prefixes removed)."""
         seen = set()
         for part in self.parts:
             for name, p in part.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield name, p
+                    yield name.replace("_checkpoint_wrapped_module.", ""), p
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
