@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -189,7 +187,7 @@ def main() -> None:
 
     base = results.get("1x1")
     total = (base[0]["params"] + base[0]["grads"] + base[0]["optimizer"]) if base else None
-    print(f"model: {sum(1 for _ in range(1))} config {config}")
+    print(f"model: {config}")
     print("\n| TPxPP | max rank bytes (param+grad+Adam) | analytic total/(TP*PP) | ratio | replicated param bytes/rank |")
     print("|---|---|---|---|---|")
     summary = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 # VPiT constants: SigLIP so400m-patch14-384's width, and 8x8 pooled tokens per image.

@@ -16,7 +16,6 @@ import io
 import os
 import tarfile
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch

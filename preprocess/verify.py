@@ -5,7 +5,6 @@ Every fault is collected (not just the first) and named by file; the exit status
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
