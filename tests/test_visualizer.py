@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed_launch import REPO
+
 from engine.visualizer import Visualizer, tiny_visualizer_components
 from engine.visualizer.data import ImageEmbeddingPairs, find_image_rows
 from engine.visualizer.train import VisualizerTrainingConfig, train_visualizer
@@ -40,7 +40,7 @@ def build(tmp_path_factory):
                            str(SAMPLE / "images"), "--tokenizer-type", "tiktoken", "--tokenizer-model",
                            str(REPO / "examples/data/tokenizer/tokenizer.model"), "--vision-encoder", "tiny-random",
                            "--seq-length", "256", "--output", str(out), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, records
 
@@ -61,8 +61,8 @@ def fixed_loss(visualizer: Visualizer, data: ImageEmbeddingPairs) -> float:
 
 
 def test_images_are_paired_with_their_embeddings_by_sha256(build):
-    from preprocess.shards import ShardReader
     from engine.vision_encoder import build_vision_encoder
+    from preprocess.shards import ShardReader
 
     out, records = build
     pairs = find_image_rows(out, SAMPLE / "images", [str(records)])

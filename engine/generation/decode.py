@@ -131,7 +131,7 @@ class VPiTGenerator:
         self.config = model.config
         self.image_start_id = image_start_id
         self.image_end_id = image_end_id
-        self.stop_ids = set(int(i) for i in stop_ids)
+        self.stop_ids = {int(i) for i in stop_ids}
         self.valid_vocab_size = min(valid_vocab_size, self.config.vocab_size)
         self.pad_id = pad_id
         self.use_kv_cache = use_kv_cache

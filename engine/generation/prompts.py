@@ -41,7 +41,7 @@ def read_batch_file(path: str | Path) -> list[PromptInput]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{where}: expected an object with a string 'prompt'")
+            raise ValueError(f"{where}: expected an object with a string 'prompt'")  # noqa: TRY004 (bad input, not a bug)
         images = record.get("images") or []
         if isinstance(images, str):
             images = [images]

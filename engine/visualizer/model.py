@@ -89,12 +89,12 @@ class Visualizer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 32) -> "Visualizer":
+    def tiny(cls, seed: int = 0, resolution: int = 32) -> Visualizer:
         unet, vae, scheduler = tiny_visualizer_components(seed, resolution)
         return cls(unet, vae, scheduler, resolution=resolution, seed=seed)
 
     @classmethod
-    def from_stable_diffusion(cls, path: str | Path, resolution: int = 512, seed: int = 0) -> "Visualizer":
+    def from_stable_diffusion(cls, path: str | Path, resolution: int = 512, seed: int = 0) -> Visualizer:
         """Starts from a local Stable Diffusion 1.5 directory (diffusers layout); its text encoder is not used."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -128,7 +128,7 @@ class Visualizer(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "Visualizer":
+    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> Visualizer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
 
