@@ -28,13 +28,7 @@ PROMPTS = ["Generate an image of a red fox", "Draw a blue car", "<image>\nWhat i
 REPLIES = ["<image>", "Here it is: <image>", "Coffee."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second intra-op thread costs 10-30x in synchronisation.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def target_tokens(seed: int) -> torch.Tensor:

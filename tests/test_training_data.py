@@ -1,6 +1,5 @@
 """Training data: the batch contract of collate, blending ratios, seed determinism, per-rank slicing, resume."""
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from engine.training.data import (
     BlendedSamples,
     RankSlice,
     SyntheticDataset,
+    SyntheticSequence,
     blending_indices,
     build_loader,
     collate_packed,
@@ -21,17 +21,7 @@ from engine.training.data import (
 START, END, SLOT = 300, 301, 300
 
 
-@dataclass
-class Seq:
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    document_ids: np.ndarray
-    image_slot_starts: np.ndarray
-    image_rows: np.ndarray
-    image_is_response: np.ndarray
-
-
-def handmade_sequence() -> Seq:
+def handmade_sequence() -> SyntheticSequence:
     """doc 0 [0, 80): prompt 0-3, answer 4-9, response image (<image_start> 10, slots 11-74, <image_end> 75),
     answer 76-79. doc 1 [80, 150): prompt 80-82, prompt image (83, slots 84-147, 148), answer 149. Padding 150-159."""
     s = 160
@@ -45,7 +35,7 @@ def handmade_sequence() -> Seq:
     tokens[11:75] = SLOT
     tokens[84:148] = SLOT
     tokens[[75, 148]] = END
-    return Seq(tokens, mask, docs, np.array([11, 84], np.int32), np.array([3, 5]), np.array([True, False]))
+    return SyntheticSequence(tokens, mask, docs, np.array([11, 84], np.int32), np.array([3, 5]), np.array([True, False]))
 
 
 def test_collate_follows_the_batch_contract():

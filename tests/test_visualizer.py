@@ -19,12 +19,7 @@ SAMPLE = REPO / "examples" / "data" / "sample"
 IMAGES = ["astronaut.jpg", "coffee.jpg", "rocket.jpg"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
