@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -136,3 +137,8 @@ def gather_grads(model: ParallelVPiT) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     main()
+    # Interpreter teardown after a gloo group occasionally aborts or hangs (torch 2.13 CPU); the result file is
+    # written and the group destroyed, so skip finalisation (as pretrain_gpt_vision.py does).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

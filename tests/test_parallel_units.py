@@ -101,8 +101,13 @@ VOCAB_PARALLEL_SCRIPT = textwrap.dedent("""
     assert abs(loss2.item() - dense.item()) < 1e-4 * abs(dense.item())
     assert torch.allclose(sharded.grad.full_tensor(), logits.grad, atol=1e-6)
     if rank == 0:
-        print("vocab-parallel ok", loss.item(), dense.item())
+        print("vocab-parallel ok", loss.item(), dense.item(), flush=True)
     dist.destroy_process_group()
+    # Interpreter teardown after a gloo group occasionally aborts ("terminate called without an active
+    # exception", torch 2.13 CPU); everything is checked and flushed, so skip finalisation.
+    import os, sys
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 
