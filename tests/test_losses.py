@@ -171,3 +171,25 @@ def test_all_labels_ignored_is_finite():
     tokens, *_ = _batch()
     out = model(tokens, labels=torch.full((B, S), IGNORE_INDEX))
     assert torch.isfinite(out.loss) and out.loss.item() == 0.0 and int(out.lm_tokens) == 0
+
+
+def test_frozen_head_measures_the_visual_loss_without_any_gradient():
+    """Stage 1 (head frozen): the visual loss has its exact value, but the gradients are the text loss's alone."""
+    model = _model(coef=0.5)
+    tokens, labels, vt, vp, vmask = _batch()
+    learning = model(tokens, labels=labels, visual_tokens=vt, visual_positions=vp, visual_target_mask=vmask)
+    assert learning.visual_loss_sum.requires_grad and model.visual_loss_learns()
+    model.visual_head.requires_grad_(False)
+    assert not model.visual_loss_learns()
+    measured = model(tokens, labels=labels, visual_tokens=vt, visual_positions=vp, visual_target_mask=vmask)
+    assert torch.equal(measured.visual_loss_sum, learning.visual_loss_sum.detach()) and measured.visual_loss > 0.5
+    assert not measured.visual_loss_sum.requires_grad
+    measured.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model(tokens, labels=labels, visual_tokens=vt, visual_positions=vp, visual_target_mask=vmask).lm_loss.backward()
+    assert all(torch.equal(got[n], p.grad) for n, p in model.named_parameters() if p.requires_grad)
+    # The explicit switch overrides the default either way.
+    model.visual_loss_grad = True
+    forced = model(tokens, labels=labels, visual_tokens=vt, visual_positions=vp, visual_target_mask=vmask)
+    assert forced.visual_loss_sum.requires_grad

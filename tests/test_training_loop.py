@@ -59,6 +59,24 @@ def test_stage1_trains_only_projector_and_new_token_rows():
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == {"projector.fc1.weight", "projector.fc1.bias", "projector.fc2.weight", "projector.fc2.bias",
                          "tok_embeddings.weight", "output.weight"}
+    # Where the gradient comes from: the text loss alone, bit for bit. The visual loss is computed (and logged) but
+    # never reaches a gradient through the frozen, randomly initialised head (issue 9, item 1).
+    step_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    t.optimizer.zero_grad(set_to_none=True)
+    text_targets = max(float(sum(x.lm_targets for x in batches)), 1.0)
+    measured, visual_in_graph = 0.0, False
+    for b in batches:
+        out = model(b.tokens, **b.model_inputs())
+        (out.lm_loss_sum / text_targets).backward()
+        measured += float(out.visual_loss_sum)
+        visual_in_graph |= out.visual_loss_sum.requires_grad
+    t.grad_mask()
+    assert measured > 0  # there were visual targets, and their loss was measured
+    text_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert text_grads.keys() == step_grads.keys()
+    for name, grad in step_grads.items():
+        assert torch.equal(grad, text_grads[name]), f"{name}: the stage-1 gradient is not the text loss's alone"
+    assert not visual_in_graph  # measured under no_grad: no graph kept for a loss that trains nothing
     for name in ("tok_embeddings.weight", "output.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad[:base].abs().sum() == 0, name
@@ -79,6 +97,17 @@ def test_stage1_can_also_train_the_visual_head():
     t = trainer("--stage", "1", "--stage1-train-visual-head")
     assert {n for n in t.trainable if n.startswith("visual_head.")} == {
         "visual_head.fc1.weight", "visual_head.fc1.bias", "visual_head.fc2.weight", "visual_head.fc2.bias"}
+    # With the head trained, the visual term counts: the head learns, and the projector's gradient is no longer
+    # the text loss's alone.
+    model = t.core_model
+    batch = next(iter(t._loader(t.train_samples, 0)))
+    assert batch.visual_targets > 0
+    t.forward_backward_step(batch, batch.lm_targets, batch.visual_targets, sync_gradients=True)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.count_nonzero(grads[n]) > 0 for n in grads if n.startswith("visual_head."))
+    t.optimizer.zero_grad(set_to_none=True)
+    (model(batch.tokens, **batch.model_inputs()).lm_loss_sum / batch.lm_targets).backward()
+    assert not torch.equal(grads["projector.fc1.weight"], model.projector.fc1.weight.grad)
 
 
 def test_stage2_gives_every_parameter_a_gradient():

@@ -8,6 +8,7 @@ this model with some modules removed (set to None) and layers deleted from `laye
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ class VPiTLoss:
     `loss` = lm_loss + coef * visual_loss is what backward runs on. The sums and counts let a training loop
     normalise over a whole global batch (gradient accumulation, data parallelism) instead of per micro-batch.
     With no visual target, visual_loss is exactly 0 with zero gradient (the reference's mean over nothing is NaN).
+    When the visual loss does not learn (`VPiTModel.visual_loss_learns`: stage 1 with a frozen head), the visual
+    parts are computed without autograd: they are measured and logged, and `loss` has the text gradient only.
     """
 
     loss: torch.Tensor
@@ -82,6 +85,9 @@ class VPiTModel(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.output: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.visual_head: ContinuousTokenHead | None = ContinuousTokenHead(config.hidden_size, config.vision_dim)
+        # Whether the visual loss reaches any gradient: None = only while some head parameter is trained (see
+        # `visual_loss_learns`); True/False force it.
+        self.visual_loss_grad: bool | None = None
         self.tie_weights()
 
     # ----------------------------------------------------------------------------------------------- weights
@@ -225,13 +231,27 @@ class VPiTModel(nn.Module):
         """Continuous-token head: predicted next SigLIP token [.., vision_dim] (not normalised)."""
         return self.visual_head(hidden)
 
+    def visual_loss_learns(self) -> bool:
+        """Whether the visual loss is part of the gradient. By default it is exactly when the continuous-token head
+        trains: in stage 1 the head is frozen (unless --stage1-train-visual-head) and still randomly initialised,
+        so a gradient through it would only teach the projector and the new embedding rows to please a random
+        function. MetaMorph's stage 1 likewise computes and logs the visual loss but does not add it
+        (`use_vision_ar=False` in scripts/slurm_pretrain.sh). Set `visual_loss_grad` to force either way."""
+        if self.visual_loss_grad is not None:
+            return self.visual_loss_grad
+        if self.visual_head is None:
+            return True
+        return any(p.requires_grad for p in self.visual_head.parameters())
+
     def compute_losses(self, hidden: torch.Tensor, labels: torch.Tensor, visual_tokens: torch.Tensor | None,
                        visual_positions: torch.Tensor | None,
                        visual_target_mask: torch.Tensor | None) -> VPiTLoss:
         """Text cross-entropy on labelled positions + coef * (1 - cos) on response visual slots.
 
         Only labelled rows go through the LM head, and only rows preceding a visual target through the
-        continuous-token head: prompt tokens cost no vocabulary projection.
+        continuous-token head: prompt tokens cost no vocabulary projection. When `visual_loss_learns()` is False the
+        visual term runs under no_grad: its value is exact, its gradient contribution is nothing at all (the
+        gradients equal those of the text loss alone, bit for bit).
         """
         hidden_size = hidden.shape[-1]
         flat_hidden = hidden.reshape(-1, hidden_size)  # [B*S, H]
@@ -247,7 +267,8 @@ class VPiTModel(nn.Module):
             targets = flat_hidden.new_zeros(0, self.config.vision_dim)
             predict_rows = text_rows.new_zeros(0)
         # Always through the head (possibly on zero rows) so its parameters get a (zero) gradient.
-        visual_sum = visual_cosine_loss_sum(self.predict_visual(flat_hidden[predict_rows]), targets)
+        with contextlib.nullcontext() if self.visual_loss_learns() else torch.no_grad():
+            visual_sum = visual_cosine_loss_sum(self.predict_visual(flat_hidden[predict_rows]), targets)
         visual_count = predict_rows.new_tensor(predict_rows.numel())
 
         lm_loss = lm_sum / lm_tokens.clamp(min=1)
