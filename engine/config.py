@@ -15,7 +15,8 @@ from typing import Any, Literal
 VISION_DIM = 1152
 TOKENS_PER_IMAGE = 64
 
-AttentionBackend = Literal["sdpa", "flex"]
+AttentionBackend = Literal["auto", "sdpa", "flex", "flash", "te", "triton", "triton-fp8"]
+ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "flash", "te", "triton", "triton-fp8")
 
 
 @dataclass(kw_only=True)
@@ -34,15 +35,22 @@ class ModelConfig:
 
     Args:
         vocab_size: rows of the embedding and LM head, including `<image_start>`/`<image_end>` and any padding.
+        real_vocab_size: how many of those rows are real tokens (ids a tokenizer can produce); rows
+            `[real_vocab_size, vocab_size)` are padding (Megatron's `--make-vocab-size-divisible-by` x TP). Padded
+            rows are initialised to zero, their logits are -inf (never in the softmax, never generated), so the
+            math does not depend on the padding. None: every row is real.
         num_query_groups: KV heads for grouped-query attention (== num_attention_heads for MHA).
         ffn_hidden_size: SwiGLU inner width.
         rope_scaling: Llama-3.1 frequency scaling, or None for plain RoPE.
         tie_embeddings: share the token embedding with the LM head.
-        attention_backend: `sdpa` (portable reference) or `flex` (FlexAttention, document-causal block mask).
+        attention_backend: `auto` (the fastest available on the device; `sdpa` on CPU), `sdpa` (portable
+            reference), `flex` (FlexAttention, document block mask), `flash`, `te`, `triton`, `triton-fp8`
+            (see engine.model.attention_backends).
         visual_loss_coef: weight of the (1 - cosine) visual-token loss.
     """
 
     vocab_size: int = 32000
+    real_vocab_size: int | None = None
     hidden_size: int = 4096
     ffn_hidden_size: int = 11008
     num_layers: int = 32
@@ -57,7 +65,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     vision_dim: int = VISION_DIM
     tokens_per_image: int = TOKENS_PER_IMAGE
-    attention_backend: AttentionBackend = "sdpa"
+    attention_backend: AttentionBackend = "auto"
     visual_loss_coef: float = 1.0
 
     def __post_init__(self) -> None:
@@ -70,6 +78,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Rows of the vocabulary that are real tokens (`real_vocab_size`, or `vocab_size` when unpadded)."""
+        return self.vocab_size if self.real_vocab_size is None else self.real_vocab_size
+
+    @property
+    def vocab_padding(self) -> int:
+        """Padded rows at the end of the vocabulary (0 when unpadded)."""
+        return self.vocab_size - self.num_real_tokens
 
     def validate(self) -> None:
         """Raises ValueError naming the flag to change."""
@@ -88,12 +106,16 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "seq_length"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+            problems.append(f"real vocabulary {self.real_vocab_size} must be in [1, --vocab-size {self.vocab_size}] "
+                            "(the padded size)")
         if self.seq_length > self.max_position_embeddings:
             problems.append(
                 f"--seq-length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}"
             )
-        if self.attention_backend not in ("sdpa", "flex"):
-            problems.append(f"--attention-backend must be 'sdpa' or 'flex', got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
+            problems.append(f"--attention-backend must be one of {', '.join(ATTENTION_BACKEND_CHOICES)}, "
+                            f"got {self.attention_backend!r}")
         if problems:
             raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
 
@@ -166,7 +188,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--untie-embeddings-and-output-weights", dest="untie_embeddings", action="store_true",
                        default=None)
     group.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true", default=None)
-    group.add_argument("--attention-backend", choices=["sdpa", "flex"], default=None)
+    group.add_argument("--attention-backend", choices=list(ATTENTION_BACKEND_CHOICES), default=None,
+                       help="attention kernel for packed documents (auto: the fastest available; an unavailable "
+                            "backend named explicitly is an error at start)")
     group.add_argument("--rope-scaling-factor", type=float, default=None,
                        help="enable Llama-3.1 RoPE scaling with this factor")
     return parser

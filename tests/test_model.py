@@ -31,7 +31,7 @@ VOCAB = 512  # the tiny preset's
         (dict(vocab_size=0), "--vocab-size"),
         (dict(num_layers=-1), "--num-layers"),
         (dict(ffn_hidden_size=0), "--ffn-hidden-size"),
-        (dict(attention_backend="flash"), "--attention-backend"),
+        (dict(attention_backend="xformers"), "--attention-backend"),
     ],
 )
 def test_config_errors_name_the_flag(overrides, flag):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig, RopeScaling
-from engine.model.attention import AttentionMask, attend
+from engine.model.attention import AttentionMask, attend, attend_packed
 
 
 class RMSNorm(nn.Module):
@@ -113,6 +113,9 @@ class Attention(nn.Module):
         q = apply_rotary(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rotary(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if kv_cache is None:
+            # Training path: every backend takes [B, S, heads, D] (varlen kernels as a free THD view).
+            return self.wo(attend_packed(q, k, v, mask).reshape(b, s, -1))
         # [B, S, heads, D] -> [B, heads, S, D]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
