@@ -19,7 +19,7 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 if [[ -z ${RDZV_HOST:-} ]]; then
   if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
-    RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # not head: SIGPIPE under pipefail
   else
     RDZV_HOST=127.0.0.1
   fi
