@@ -22,6 +22,10 @@ from engine.config import ModelConfig, add_model_args, model_config_from_args
 
 LrDecayStyle = Literal["cosine", "linear", "constant"]
 DataParallelSharding = Literal["none", "fsdp"]
+RecomputeGranularity = Literal["full", "selective"]
+Fp8Format = Literal["e4m3", "hybrid"]
+Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
+Fp8Backend = Literal["torchao", "te"]
 
 
 @dataclass(kw_only=True)
@@ -127,6 +131,14 @@ class TrainingConfig:
             `stage1_train_visual_head`); 2 trains everything.
         recompute_num_layers: activation checkpointing on the first N transformer blocks (Megatron's
             `--recompute-method block`); -1 = every block.
+        recompute_granularity: `full` recomputes whole blocks (with `recompute_num_layers`); `selective` keeps
+            matmul and attention outputs and recomputes the cheap ops, per op type (torchtitan's policy), on
+            `recompute_num_layers` blocks or, when that is 0, on every block.
+        compile: torch.compile each transformer block (regional compilation).
+        fp8_format: None (no FP8), `e4m3` or `hybrid`: FP8 GEMMs in the transformer blocks (engine.model.fp8).
+        fp8_recipe / fp8_backend: `tensorwise` | `rowwise` | `delayed` scaling, by `torchao` or `te`.
+        use_distributed_optimizer: shard optimizer state and gradients over the data-parallel ranks where DDP
+            would be used (Megatron's distributed optimizer: reduce-scatter gradients, all-gather parameters).
         max_skipped_steps: abort when more than this many consecutive steps had a non-finite loss or gradient.
     """
 
@@ -145,6 +157,12 @@ class TrainingConfig:
     stage1_train_visual_head: bool = False
     bf16: bool = False
     recompute_num_layers: int = 0
+    recompute_granularity: RecomputeGranularity = "full"
+    compile: bool = False
+    fp8_format: Fp8Format | None = None
+    fp8_recipe: Fp8Recipe = "tensorwise"
+    fp8_backend: Fp8Backend = "torchao"
+    use_distributed_optimizer: bool = False
     data_parallel_sharding: DataParallelSharding = "none"
     max_skipped_steps: int = 10
     tensor_model_parallel_size: int = 1
@@ -206,6 +224,16 @@ class TrainingConfig:
             problems.append("--max-skipped-steps must be >= 0")
         if self.model_parallel and self.recompute_num_layers not in (0, -1):
             problems.append("with tensor/pipeline parallelism --recompute-num-layers must be 0 or -1 (all blocks)")
+        if self.recompute_granularity not in ("full", "selective"):
+            problems.append(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.fp8_format is not None and self.fp8_recipe == "delayed" and self.fp8_backend != "te":
+            problems.append("--fp8-recipe delayed needs --fp8-backend te (torchao removed delayed scaling)")
+        if self.use_distributed_optimizer and self.data_parallel_sharding == "fsdp":
+            problems.append("--use-distributed-optimizer is for replicated data parallelism: FSDP2 "
+                            "(--data-parallel-sharding fsdp) already shards the optimizer state")
+        if self.use_distributed_optimizer and self.model_parallel:
+            problems.append("--use-distributed-optimizer is supported with data parallelism only for now; with "
+                            "tensor/pipeline parallelism use --data-parallel-sharding fsdp")
         if self.pipeline_layer_split:
             try:
                 [int(x) for x in self.pipeline_layer_split]
@@ -268,6 +296,14 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--stage1-train-visual-head": ("", "stage1_train_visual_head", bool, "also train the visual head in stage 1"),
     "--bf16": ("", "bf16", bool, "bf16 autocast with fp32 master weights (GPU)"),
     "--recompute-num-layers": ("", "recompute_num_layers", int, "activation checkpointing on the first N blocks"),
+    "--recompute-granularity": ("", "recompute_granularity", str,
+                                "full (whole blocks) | selective (per op type: keep matmuls and attention)"),
+    "--compile": ("", "compile", bool, "torch.compile each transformer block (regional compilation)"),
+    "--fp8-format": ("", "fp8_format", str, "FP8 GEMMs in the transformer blocks: e4m3 | hybrid (e5m2 grads)"),
+    "--fp8-recipe": ("", "fp8_recipe", str, "tensorwise | rowwise | delayed (te only) scaling"),
+    "--fp8-backend": ("", "fp8_backend", str, "torchao (float8 training) | te (Transformer Engine)"),
+    "--use-distributed-optimizer": ("", "use_distributed_optimizer", bool,
+                                    "shard optimizer state over data-parallel ranks (Megatron's)"),
     "--data-parallel-sharding": ("", "data_parallel_sharding", str, "none (DDP) | fsdp (FSDP2)"),
     "--max-skipped-steps": ("", "max_skipped_steps", int, "abort after this many consecutive non-finite steps"),
     "--tensor-model-parallel-size": ("", "tensor_model_parallel_size", int, "TP size (DTensor plans)"),
@@ -279,6 +315,9 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
 }
 _CHOICES = {"--lr-decay-style": ["cosine", "linear", "constant"], "--data-parallel-sharding": ["none", "fsdp"],
             "--stage": [1, 2]}
+
+_CHOICES.update({"--recompute-granularity": ["full", "selective"], "--fp8-format": ["e4m3", "hybrid"],
+                 "--fp8-recipe": ["tensorwise", "rowwise", "delayed"], "--fp8-backend": ["torchao", "te"]})
 
 
 def build_parser() -> argparse.ArgumentParser:
