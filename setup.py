@@ -12,7 +12,9 @@ PACKAGES = find_packages(include=["engine", "engine.*", "preprocess", "preproces
 EXTRAS = {
     # Everything the CPU test suite exercises (MPI's runtime comes from the system: see .ci/run).
     "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "sentencepiece", "tiktoken", "tokenizers",
-            "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.30", "mpi4py"],
+            "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.30", "mpi4py",
+            # chrysalis_kernels' tests run the Triton kernels on CPU under its interpreter (TRITON_INTERPRET=1).
+            "triton>=3.9"],
     # DALI comes from NVIDIA's package index (nvidia-dali-cuda120); the PIL decoder is the portable fallback.
     "data": ["transformers>=4.45", "mpi4py", "pillow", "sentencepiece", "tiktoken", "tokenizers", "tqdm"],
     "train": ["tensorboard", "matplotlib"],
