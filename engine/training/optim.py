@@ -178,3 +178,27 @@ class WarmupDecaySchedule:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self._apply()
+
+
+def shard_optimizer_state(model: nn.Module, dp_mesh, bf16: bool) -> nn.Module:
+    """Megatron's distributed optimizer (`--use-distributed-optimizer`) for replicated data parallelism.
+
+    Megatron keeps a full copy of the parameters on every rank for forward and backward, reduce-scatters the
+    gradients so that each rank holds 1/dp of them, updates its 1/dp of the fp32 main parameters and optimizer
+    state, and all-gathers the updated parameters. FSDP2 with `reshard_after_forward=False` (ZeRO-2) does exactly
+    that traffic: one all-gather of each block's parameters per step (kept from forward through backward), one
+    reduce-scatter of its gradients in backward, AdamW state and fp32 master weights sharded 1/dp per rank.
+    Between steps only the shards are kept, so it needs no more memory than Megatron's. Using FSDP2 instead of a
+    hand-written flat buffer also keeps checkpoints in torch.distributed.checkpoint's resharding format.
+
+    With `bf16`, parameters are gathered in bf16 and gradients reduced in fp32 (Megatron's
+    `--accumulate-allreduce-grads-in-fp32`).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    return model

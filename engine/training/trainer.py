@@ -67,6 +67,7 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         self._open_data(datasets, vocab)
+        self._resolve_fast_paths()
         self._build_model()
         self.iteration = 0
         self.consumed_samples = 0
@@ -136,6 +137,47 @@ class Trainer:
             self.valid_samples = BlendedSamples(self.datasets, fractions, 1,
                                                 c.logging.eval_iters * self.global_batch_size, c.seed)
 
+    def _resolve_fast_paths(self) -> None:
+        """At start, before anything is built: `--attention-backend` (auto -> the fastest available; a backend
+        named explicitly that cannot run here is an error, never a silent fallback) and the FP8 capability check."""
+        from engine.model.attention_backends import resolve_attention_backend
+        from engine.model.fp8 import Fp8Config, fp8_unsupported_reason
+
+        c = self.config
+        requested = self.model_config.attention_backend
+        backend = resolve_attention_backend(requested, self.device)
+        if backend != requested:
+            self._log(f"--attention-backend {requested}: using {backend} on {self.device.type}")
+        self.model_config = self.model_config.replace(attention_backend=backend)
+        self.fp8 = None
+        if c.fp8_format:
+            self.fp8 = Fp8Config(format=c.fp8_format, recipe=c.fp8_recipe, backend=c.fp8_backend,
+                                 fsdp_all_gather=c.data_parallel_sharding == "fsdp" or c.use_distributed_optimizer)
+            reason = fp8_unsupported_reason(self.fp8, self.device)
+            if reason:
+                raise ValueError(f"--fp8-format {c.fp8_format}: {reason}")
+        # torchao's FP8 all-gather under FSDP2 needs the weights' scales recomputed after every optimizer step.
+        self.fp8_fsdp_scales = bool(self.fp8 is not None and self.fp8.backend == "torchao" and self.fp8.fsdp_all_gather
+                                    and self.fp8.recipe == "tensorwise" and self.info.mesh is not None)
+
+    def _apply_fast_paths(self, model: nn.Module) -> None:
+        """FP8 conversion, activation checkpointing and per-block compilation of the single-device model, in
+        torchtitan's order, before DDP/FSDP wrapping."""
+        from engine.parallel.activation_checkpointing import apply_activation_checkpointing as checkpoint_blocks
+        from engine.parallel.compile import compile_transformer_blocks
+
+        c = self.config
+        if self.fp8 is not None:
+            from engine.model.fp8 import convert_to_fp8
+
+            names = convert_to_fp8(model, self.fp8)
+            self._log(f"FP8 GEMMs ({self.fp8.backend}, {self.fp8.recipe}, {self.fp8.format}) in {len(names)} block "
+                      "linears; the embedding, LM head, projector and visual head stay in high precision")
+        if c.recompute_num_layers or c.recompute_granularity == "selective":
+            checkpoint_blocks(model, c.recompute_granularity, c.recompute_num_layers or -1)
+        if c.compile:
+            compile_transformer_blocks(model)
+
     def _build_model(self) -> None:
         c = self.config
         self.parallel_model = None
@@ -147,9 +189,17 @@ class Trainer:
         else:
             model = build_model(self.model_config, device=self.device, dtype=torch.float32, seed=c.seed)
         self.trainable = apply_stage(model, c.stage, c.stage1_train_visual_head)
-        if c.recompute_num_layers:
-            apply_activation_checkpointing(model, c.recompute_num_layers)
-        self.model: nn.Module = parallelize(model, self.info, c.data_parallel_sharding, c.bf16)
+        self._apply_fast_paths(model)
+        if c.use_distributed_optimizer and self.info.mesh is not None:
+            from engine.training.optim import shard_optimizer_state
+
+            self.model: nn.Module = shard_optimizer_state(model, self.info.dp_mesh, c.bf16)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            local, total = sum(p.to_local().numel() for p in trainable), sum(p.numel() for p in trainable)
+            self._log(f"distributed optimizer: this rank holds {local:,} of {total:,} trainable parameter elements "
+                      "and their AdamW state")
+        else:
+            self.model = parallelize(model, self.info, c.data_parallel_sharding, c.bf16)
         self.optimizer = build_optimizer(self.model, c)
         self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
         self.grad_mask = None
@@ -335,6 +385,10 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            if self.fp8_fsdp_scales:
+                from engine.model.fp8 import precompute_fp8_scales
+
+                precompute_fp8_scales(self.model)
             self.schedule.step()
             self.consecutive_skipped = 0
         else:
