@@ -24,9 +24,10 @@ GRAD_PARAMS = ["tok_embeddings.weight", "projector.fc1.weight", "layers.0.attent
                "visual_head.fc2.weight", "visual_head.fc2.bias"]
 
 
-def harness_model_config() -> ModelConfig:
+def harness_model_config(tie_embeddings: bool = False) -> ModelConfig:
     return ModelConfig(vocab_size=256, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4,
-                       num_query_groups=2, seq_length=160, max_position_embeddings=512, visual_loss_coef=0.5)
+                       num_query_groups=2, seq_length=160, max_position_embeddings=512, visual_loss_coef=0.5,
+                       tie_embeddings=tie_embeddings)
 
 
 def synthetic_micro_batch(step: int, index: int, micro_batch_size: int, seq_len: int, vocab: int,
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
+    parser.add_argument("--tie-embeddings", action="store_true", help="LM head tied to the token embedding")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-microbatches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)
@@ -82,7 +84,7 @@ def main() -> None:
     else:
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     torch.manual_seed(0)
-    config = harness_model_config()
+    config = harness_model_config(args.tie_embeddings)
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               num_layers_per_virtual_pipeline_stage=args.vpp_layers,
                               sequence_parallel=args.sequence_parallel,
@@ -110,6 +112,7 @@ def main() -> None:
         result["lm_losses"].append(parts["lm_loss"])
         result["visual_losses"].append(parts["visual_loss"])
         result["grad_norms"].append(norm)
+    result["tied_copy_max_diff"] = tied_copy_max_diff(model)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
@@ -121,6 +124,8 @@ def gather_grads(model: ParallelVPiT) -> dict[str, list[float]]:
     from torch.distributed.tensor import DTensor
 
     named = dict(model.named_parameters())
+    if model.config.tie_embeddings and "tok_embeddings.weight" in named:
+        named.setdefault("output.weight", named["tok_embeddings.weight"])  # one tensor without PP
     out = {}
     for name in GRAD_PARAMS:
         grad = None
@@ -133,6 +138,21 @@ def gather_grads(model: ParallelVPiT) -> dict[str, list[float]]:
         dist.broadcast_object_list(obj, src=int(holder.item()))
         out[name] = obj[0]
     return out
+
+
+def tied_copy_max_diff(model: ParallelVPiT) -> float | None:
+    """Largest difference between the first stage's embedding and the last stage's copy (tied embeddings under PP;
+    None otherwise), over every embedding group."""
+    if not (model.config.tie_embeddings and model.pp_size > 1):
+        return None
+    diff = torch.zeros(())
+    for weight in model._tied_embedding_weights():
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        copies = [torch.empty_like(local) for _ in range(dist.get_world_size(model.embedding_group))]
+        dist.all_gather(copies, local.detach().contiguous(), group=model.embedding_group)
+        diff = torch.maximum(diff, (copies[0] - copies[-1]).abs().max())
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 if __name__ == "__main__":

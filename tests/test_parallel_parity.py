@@ -1,6 +1,10 @@
 """Every parallel layout equals one process: per-step losses of 5 AdamW steps (within 1e-5 relative, fp32) and the
 gradients of chosen parameters after step 1, on the tiny model over gloo/CPU. Step 3's micro-batches carry no
-image, so a batch without visual targets is covered in every layout."""
+image, so a batch without visual targets is covered in every layout.
+
+Tied embeddings under PP (the `-tied` layouts): the first and last stage each hold the matrix and sum their
+gradients over the embedding group; both gradients equal the single process's (embedding + LM head) gradient, and
+the two copies are still bit-identical after the 5 steps."""
 
 from __future__ import annotations
 
@@ -34,6 +38,11 @@ def reference(tmp_path_factory) -> dict:
     return run_layout(tmp_path_factory.mktemp("ref"), 1)
 
 
+@pytest.fixture(scope="module")
+def tied_reference(tmp_path_factory) -> dict:
+    return run_layout(tmp_path_factory.mktemp("ref-tied"), 1, "--tie-embeddings")
+
+
 LAYOUTS = {
     "tp2": (2, "--tp", "2"),
     "tp2-sp": (2, "--tp", "2", "--sequence-parallel"),
@@ -43,12 +52,18 @@ LAYOUTS = {
     "dp2xtp2": (4, "--tp", "2"),
     "dp2xpp2-fsdp": (4, "--pp", "2", "--fsdp"),
     "tp2xpp2-recompute": (4, "--tp", "2", "--pp", "2", "--recompute"),
+    "pp2-interleaved-tied": (2, "--pp", "2", "--vpp-layers", "1", "--tie-embeddings"),
+    "tp2xpp2-sp-tied": (4, "--tp", "2", "--pp", "2", "--sequence-parallel", "--tie-embeddings"),
+    "dp2xpp2-fsdp-tied": (4, "--pp", "2", "--fsdp", "--tie-embeddings"),
+    "pp4-tied": (4, "--pp", "4", "--tie-embeddings"),  # embedding group = first and last of 4 stages
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(tmp_path, reference, layout):
+def test_layout_matches_single_process(tmp_path, request, layout):
     nproc, *flags = LAYOUTS[layout]
+    tied = "--tie-embeddings" in flags
+    reference = request.getfixturevalue("tied_reference" if tied else "reference")
     got = run_layout(tmp_path, nproc, *flags)
     assert len(got["losses"]) == len(reference["losses"]) == 5
     assert got["visual_losses"][2] == 0.0 and reference["visual_losses"][2] == 0.0  # the no-image step
@@ -63,3 +78,7 @@ def test_layout_matches_single_process(tmp_path, reference, layout):
         assert diff <= 1e-5 * scale + 1e-9, f"{layout}: gradient of {name} differs by {diff} (norm {want[-1]})"
     if "--pp" in flags:
         assert "stage 0" in got["describe"] and "head+losses" in got["describe"]
+    if tied:
+        # The single process has one tensor: its LM-head gradient is the embedding's.
+        assert reference["grads"]["output.weight"] == reference["grads"]["tok_embeddings.weight"]
+        assert got["tied_copy_max_diff"] == 0.0, f"{layout}: tied copies drifted by {got['tied_copy_max_diff']}"

@@ -29,13 +29,13 @@ def test_validation_names_the_flag():
         world=2, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3)
     assert "fewer than the 2 pipeline stages" in errors_for(world=2, pipeline_model_parallel_size=2, microbatches=1)
     assert "--sequence-parallel needs --tensor-model-parallel-size > 1" in errors_for(world=1, sequence_parallel=True)
-    assert "--untie-embeddings-and-output-weights" in errors_for(
-        {"tie_embeddings": True}, world=2, pipeline_model_parallel_size=2)
     assert "--pipeline-layer-split [3, 3]" in errors_for(world=2, pipeline_model_parallel_size=2,
                                                           pipeline_layer_split=[3, 3])
-    # A valid layout passes silently.
+    # A valid layout passes silently (tied embeddings under PP included).
     validate_parallel_config(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
                              preset("tiny"), 8, 4)
+    validate_parallel_config(ParallelConfig(pipeline_model_parallel_size=2), preset("tiny", tie_embeddings=True),
+                             2, 2)
 
 
 def test_vocabulary_must_divide_by_tp():

@@ -55,3 +55,31 @@ def test_tp2_pp2_checkpoint_resumes_under_other_layouts(tmp_path):
         for want, have in zip(reference[3:], resumed):
             assert abs(have - want) <= 1e-5 * want, (name, reference[3:], resumed)
     assert "resumed from" in tp1.stdout and "at iteration 3" in tp1.stdout
+
+
+def test_tied_embeddings_checkpoint_reshards_between_pp2_and_pp1(tmp_path):
+    """Tied embeddings (LLaMA-3.2's layout): the first and last pipeline stage each hold the matrix. A PP2 checkpoint
+    resumes on one process, and a one-process checkpoint resumes at TP2 x PP2, with the uninterrupted losses: the
+    LM-head copy is checkpointed under the embedding's name and gets its optimizer state back."""
+    tied = [*ARGS, "--tie-embeddings"]
+    ref = single("--tie-embeddings", "--save", str(tmp_path / "ref"), "--save-interval", "3",
+                 "--log-jsonl", str(tmp_path / "ref.jsonl"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    pp2 = torchrun(ENTRY, 2, [*tied, "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "pp2"),
+                              "--exit-interval", "3", "--log-jsonl", str(tmp_path / "pp2.jsonl")])
+    assert pp2.returncode == 0, pp2.stderr[-3000:]
+    to_pp1 = single("--tie-embeddings", "--load", str(tmp_path / "pp2"), "--log-jsonl", str(tmp_path / "pp1.jsonl"))
+    assert to_pp1.returncode == 0, to_pp1.stderr[-3000:]
+    to_tp2pp2 = torchrun(ENTRY, 4, [*tied, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+                                    "2", "--load", str(tmp_path / "ref" / "iter_0000003"),
+                                    "--log-jsonl", str(tmp_path / "tp2pp2.jsonl")])
+    assert to_tp2pp2.returncode == 0, to_tp2pp2.stderr[-3000:]
+
+    reference = losses(tmp_path / "ref.jsonl")
+    assert len(reference) == 6
+    for name, want in (("pp2.jsonl", reference[:3]), ("pp1.jsonl", reference[3:]), ("tp2pp2.jsonl", reference[3:])):
+        have = losses(tmp_path / name)
+        assert len(have) == 3, name
+        for a, b in zip(want, have):
+            assert abs(a - b) <= 1e-5 * a, (name, want, have)
+    assert "at iteration 3" in to_pp1.stdout and "at iteration 3" in to_tp2pp2.stdout

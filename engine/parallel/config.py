@@ -82,9 +82,6 @@ def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world
     elif parallel.sequence_parallel:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if pp > 1:
-        if model.tie_embeddings:
-            problems.append("tied embeddings are not supported with --pipeline-model-parallel-size > 1 yet: "
-                            "use --untie-embeddings-and-output-weights")
         vpp = parallel.num_layers_per_virtual_pipeline_stage
         if parallel.pipeline_layer_split is not None:
             split = parallel.pipeline_layer_split

@@ -75,12 +75,61 @@ class ParallelVPiT:
             if activation_checkpointing:
                 apply_activation_checkpointing(part)
             self.parts.append(part)
+        self.embedding_group = self._build_embedding_group()
+        self._sync_tied_embeddings()
         if parallel.data_parallel_sharding == "fsdp" and self.dp_size > 1:
             from engine.parallel.data_parallel import apply_fsdp
 
             for part in self.parts:
                 apply_fsdp(part, mesh["dp"])
         self._schedules: dict[int, object] = {}
+
+    # ----------------------------------------------------------------------------------------------- tied embeddings
+    def _build_embedding_group(self):
+        """Megatron's embedding group: with tied embeddings under PP, the first and the last pipeline rank of each
+        (dp, tp) position, which hold the two copies of the embedding matrix (the same rows: both are sharded on
+        the vocabulary over tp). None when this rank holds no copy or the embeddings are not tied."""
+        if not self.config.tie_embeddings or self.pp_size == 1:
+            return None
+        if self.pp_size == 2:
+            return self.pp_group
+        ranks = self.mesh.mesh  # [pp, dp, tp] global ranks
+        mine = None
+        for d in range(ranks.shape[1]):  # every rank creates every group, in the same order
+            for t in range(ranks.shape[2]):
+                members = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+                group = dist.new_group(members)
+                if dist.get_rank() in members:
+                    mine = group
+        return mine
+
+    def _tied_embedding_weights(self) -> list[nn.Parameter]:
+        """This rank's copy of a tied embedding under PP: the first stage's `tok_embeddings.weight` or the last
+        stage's `output.weight` (empty without PP, where the two are one tensor)."""
+        if self.embedding_group is None:
+            return []
+        out = []
+        for stage, part in zip(self.stage_ids, self.parts):
+            if stage == 0:
+                out.append(part.tok_embeddings.weight)
+            elif stage == self.num_stages - 1:
+                out.append(part.output.weight)
+        return out
+
+    @torch.no_grad()
+    def _sync_tied_embeddings(self) -> None:
+        """The last stage's copy starts as the first stage's (equal already when seeded; made bit-identical here
+        whatever the initialisation, as Megatron does at start-up)."""
+        if self.embedding_group is None:
+            return
+        source = int(self.mesh.mesh[0, self.mesh.get_local_rank("dp"), self.mesh.get_local_rank("tp")])
+        for weight in self._tied_embedding_weights():
+            local = _local(weight.data)
+            dist.broadcast(local, src=source, group=self.embedding_group)
+
+    def _is_tied_head_copy(self, param: torch.Tensor) -> bool:
+        return self.embedding_group is not None and self.has_last_stage and any(
+            param is w for w in self._tied_embedding_weights()) and 0 not in self.stage_ids
 
     # ----------------------------------------------------------------------------------------------- info
     def describe(self) -> str:
@@ -243,14 +292,23 @@ class ParallelVPiT:
         """Loads full (unsharded) tensors, e.g. an imported Hugging Face model, into the local shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        if self.config.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+            state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
         for part in self.parts:
             own = {k: v for k, v in state.items() if k in part.state_dict()}
             set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # ----------------------------------------------------------------------------------------------- grads
     def reduce_gradients(self) -> None:
-        """Sums gradients over data-parallel replicas (losses are already normalised globally). FSDP reduces its
-        own gradients during backward."""
+        """Sums gradients over data-parallel replicas (losses are already normalised globally; FSDP reduces its
+        own gradients during backward), then the two copies of a tied embedding over the embedding group (the
+        first stage's embedding gradient plus the last stage's LM-head gradient, as one device accumulates them)."""
+        self._reduce_data_parallel_gradients()
+        for weight in self._tied_embedding_weights():
+            if weight.grad is not None:
+                dist.all_reduce(_local(weight.grad), group=self.embedding_group)
+
+    def _reduce_data_parallel_gradients(self) -> None:
         if self.dp_size == 1 or self.parallel.data_parallel_sharding == "fsdp":
             return
         grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
@@ -263,12 +321,13 @@ class ParallelVPiT:
                 offset += g.numel()
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the gradients over every shard and stage."""
+        """Global L2 norm of the gradients over every shard and stage (a tied embedding counted once, as on one
+        device: the last stage's copy is left out, like Megatron's shared parameters)."""
         from torch.distributed.tensor import DTensor
 
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.parameters():
-            if p.grad is None:
+            if p.grad is None or self._is_tied_head_copy(p):
                 continue
             g = p.grad
             if isinstance(g, DTensor):

@@ -82,7 +82,14 @@ def build_model_part(config: ModelConfig, layer_ids: list[int], *, is_first: boo
                      device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int | None = 0,
                      model_class: type[VPiTModel] = VPiTModel) -> VPiTModel:
     """The model restricted to `layer_ids` (and to the embedding/head ends when first/last), initialised exactly as
-    the same tensors of the whole model."""
+    the same tensors of the whole model.
+
+    Tied embeddings on a last stage that is not also the first (Megatron's `word_embeddings_for_head`): the stage
+    holds its own copy of the embedding matrix as `output.weight`, initialised from the embedding's generator, so
+    it starts equal to the first stage's `tok_embeddings.weight`; `ParallelVPiT` sums the two gradients over the
+    embedding group before every optimizer step, which keeps the copies equal.
+    """
+    tied_copy = config.tie_embeddings and is_last and not is_first
     with torch.device("meta"):
         model = model_class(config)
     keep = {str(i) for i in layer_ids}
@@ -90,15 +97,23 @@ def build_model_part(config: ModelConfig, layer_ids: list[int], *, is_first: boo
         if name not in keep:
             del model.layers[name]
     if not is_first:
-        model.tok_embeddings = None
         model.projector = None
+        if not tied_copy:
+            model.tok_embeddings = None
     if not is_last:
         model.norm = None
         model.output = None
         model.visual_head = None
     model.to_empty(device=device)
-    model.init_weights(seed=seed)
+    model.init_weights(seed=seed)  # a tied LM head shares (and is initialised as) the embedding
+    if tied_copy:
+        model.tok_embeddings = None  # `output.weight` keeps the matrix; the stage takes hidden states as input
     return model.to(dtype)
+
+
+def is_tied_head_copy(part: VPiTModel) -> bool:
+    """Whether `part` is a last pipeline stage holding a copy of the tied embedding as its LM head."""
+    return bool(part.config.tie_embeddings and part.output is not None and part.tok_embeddings is None)
 
 
 def batch_major_visual(visual_tokens: torch.Tensor | None, visual_positions: torch.Tensor | None,

@@ -113,17 +113,61 @@ def _fqn_of_optimizer_key(key: str) -> str:
     return key.split(".", 1)[1].rsplit(".", 1)[0]
 
 
+def _tied_head_alias(module) -> dict[str, str]:
+    """{local name: checkpoint name}. A tied LM head is checkpointed once, under the embedding's name, as Megatron
+    keys its last pipeline stage's copy: `output.weight` is the same tensor as `tok_embeddings.weight` on one
+    process and a copy on the last pipeline stage, so one name lets a checkpoint reshard between those layouts."""
+    inner = getattr(module, "module", module)  # DDP
+    config = getattr(inner, "config", None)
+    if getattr(config, "tie_embeddings", False) and getattr(inner, "output", None) is not None:
+        return {"output.weight": "tok_embeddings.weight"}
+    return {}
+
+
+def _rename_optimizer_keys(optim_sd: dict, old: str, new: str) -> None:
+    # "state.<fqn>.exp_avg", "param_groups.<fqn>.lr"
+    for key in list(optim_sd):
+        kind, rest = key.split(".", 1)
+        if rest.startswith(old + "."):
+            optim_sd[f"{kind}.{new}{rest[len(old):]}"] = optim_sd.pop(key)
+
+
+def _to_checkpoint_names(module, model_sd: dict, optim_sd: dict | None) -> None:
+    for local, saved in _tied_head_alias(module).items():
+        if local in model_sd:
+            model_sd.setdefault(saved, model_sd.pop(local))
+        if optim_sd is not None:
+            _rename_optimizer_keys(optim_sd, local, saved)
+
+
+def _from_checkpoint_names(module, model_sd: dict, optim_sd: dict | None) -> tuple[dict, dict | None]:
+    model_sd = dict(model_sd)
+    optim_sd = dict(optim_sd) if optim_sd is not None else None
+    inner = getattr(module, "module", module)
+    for local, saved in _tied_head_alias(module).items():
+        if saved in model_sd:
+            model_sd[local] = model_sd[saved]
+        if optim_sd is not None and getattr(inner, "tok_embeddings", None) is None:
+            _rename_optimizer_keys(optim_sd, saved, local)  # the last stage's copy has its own optimizer state
+    return model_sd, optim_sd
+
+
 def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
     parts = _parts(model)
     if parts is None:
-        return get_state_dict(model, optimizer, options=_FLAT)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
+        _to_checkpoint_names(model, model_sd, optim_sd)
+        return model_sd, optim_sd
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     for part, opt in zip(parts, _optimizers(optimizer, len(parts))):
         if opt is None:  # a stage with nothing to train (stage 1, middle of the pipeline)
-            model_sd.update(get_model_state_dict(part))
+            m = get_model_state_dict(part)
+            _to_checkpoint_names(part, m, None)
+            model_sd.update(m)
             continue
         m, o = get_state_dict(part, opt, options=_FLAT)
+        _to_checkpoint_names(part, m, o)
         model_sd.update(m)
         optim_sd.update(o)
     return model_sd, optim_sd
@@ -132,6 +176,7 @@ def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
 def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
     parts = _parts(model)
     if parts is None:
+        model_sd, optim_sd = _from_checkpoint_names(model, model_sd, optim_sd)
         if optim_sd is None:
             set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
         else:
@@ -139,21 +184,26 @@ def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: di
         return
     for part, opt in zip(parts, _optimizers(optimizer, len(parts)) if optimizer is not None else [None] * len(parts)):
         own = set(part.state_dict())
-        part_model = {k: v for k, v in model_sd.items() if k in own}
+        part_model_sd, part_optim_sd = _from_checkpoint_names(part, model_sd, optim_sd)
+        part_model = {k: v for k, v in part_model_sd.items() if k in own}
         if opt is None or optim_sd is None:
             set_state_dict(part, [], model_state_dict=part_model, optim_state_dict={})
             continue
-        part_optim = {k: v for k, v in optim_sd.items() if _fqn_of_optimizer_key(k) in own}
+        part_optim = {k: v for k, v in part_optim_sd.items() if _fqn_of_optimizer_key(k) in own}
         set_state_dict(part, opt, model_state_dict=part_model, optim_state_dict=part_optim, options=_FLAT)
 
 
 def model_state(model) -> dict:
     parts = _parts(model)
     if parts is None:
-        return get_model_state_dict(model)
+        out = get_model_state_dict(model)
+        _to_checkpoint_names(model, out, None)
+        return out
     out: dict[str, Any] = {}
     for part in parts:
-        out.update(get_model_state_dict(part))
+        m = get_model_state_dict(part)
+        _to_checkpoint_names(part, m, None)
+        out.update(m)
     return out
 
 
@@ -347,5 +397,6 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Single process, no process group: the model weights of a training checkpoint into `model` (for export,
     generation and evaluation)."""
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    _to_checkpoint_names(model, state["model"], None)  # a tied LM head is stored as the embedding
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(_from_checkpoint_names(model, state["model"], None)[0])
