@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.data.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m preprocess",
@@ -21,6 +23,12 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--chat-template", default="llama3", choices=["llama3", "plain"])
     build.add_argument("--vision-encoder", metavar="PATH|tiny-random",
                        help="local Hugging Face SigLIP directory, tiny-random or so400m-random (nothing is downloaded)")
+    build.add_argument("--vision-feature-layer", type=int, default=-1, metavar="K",
+                       help="index into SigLIP's hidden_states (0 = patch embeddings, -1 = last encoder layer, "
+                       "before post_layernorm: MetaMorph's mm_vision_select_layer; default: %(default)s)")
+    build.add_argument("--vision-post-layernorm", action="store_true",
+                       help="apply SigLIP's post_layernorm to those features (with layer -1: last_hidden_state, "
+                       "the pre-2026 Chrysalis behaviour); default: off, as MetaMorph")
     build.add_argument("--embeddings-dir", metavar="DIR", help="precomputed per-image embeddings (.npy or "
                        ".safetensors, [64,1152] or [729,1152]) used instead of decoding and encoding pixels")
     build.add_argument("--seq-length", type=int, default=4096)
@@ -30,7 +38,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="records per shard: the unit of parallel work, of packing and of resume")
     build.add_argument("--encode-batch-size", type=int, default=32, help="images per encoder batch")
     build.add_argument("--image-decoder", choices=["auto", "pil", "dali"], default="auto",
-                       help="auto: NVIDIA DALI when installed (GPU decode if CUDA), else PIL")
+                       help="auto: NVIDIA DALI when installed (nvJPEG on the encoder's GPU, else CPU), else PIL")
+    build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                       help="reject (image_too_large) images whose decoded size exceeds N pixels, before decoding "
+                       "them (default: %(default)s)")
     build.add_argument("--device", help="encoder device (default: cuda if available, else cpu)")
     build.add_argument("--workers", type=int, default=1, help="local worker processes (per MPI rank)")
     build.add_argument("--output", required=True, metavar="OUT")
@@ -42,32 +53,48 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("output", metavar="OUT")
     inspect.add_argument("--sequence", type=int, metavar="K", help="decode packed sequence K")
 
-    verify = commands.add_parser("verify", help="checksums and index consistency; exit status 1 on any fault")
+    verify = commands.add_parser("verify", help="checksums, index consistency, finite embeddings; exit status 1 "
+                                 "on any fault")
     verify.add_argument("output", metavar="OUT")
     return parser
+
+
+def _build(args) -> int:
+    from preprocess.build import run_build
+    from preprocess.config import EXIT_CONFIG, BuildConfig, BuildError
+
+    try:
+        config = BuildConfig(
+            inputs=args.input, output=args.output, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, chat_template=args.chat_template,
+            vision_encoder=args.vision_encoder, vision_feature_layer=args.vision_feature_layer,
+            vision_post_layernorm=args.vision_post_layernorm, image_root=args.image_root,
+            embeddings_dir=args.embeddings_dir, seq_length=args.seq_length, overlong=args.overlong,
+            samples_per_shard=args.samples_per_shard, encode_batch_size=args.encode_batch_size,
+            image_decoder=args.image_decoder, max_image_pixels=args.max_image_pixels, device=args.device,
+            workers=args.workers, resume=args.resume, strict=args.strict, progress=not args.no_progress)
+        run_build(config)
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_status
+    except FileNotFoundError as error:  # an --input that does not exist (named in the message)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as error:  # the disk: full, read-only, permissions (named with the file)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error} (the build can be finished with --resume once fixed)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "build":
-        from preprocess.build import BuildConfig, BuildError, run_build
-
-        try:
-            config = BuildConfig(
-                inputs=args.input, output=args.output, tokenizer_type=args.tokenizer_type,
-                tokenizer_model=args.tokenizer_model, chat_template=args.chat_template,
-                vision_encoder=args.vision_encoder, image_root=args.image_root, embeddings_dir=args.embeddings_dir,
-                seq_length=args.seq_length, overlong=args.overlong, samples_per_shard=args.samples_per_shard,
-                encode_batch_size=args.encode_batch_size, image_decoder=args.image_decoder, device=args.device,
-                workers=args.workers, resume=args.resume, strict=args.strict, progress=not args.no_progress)
-            run_build(config)
-        except (BuildError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
+        return _build(args)
     if args.command == "inspect":
+        from engine.data.manifest import ManifestError
         from preprocess.inspection import inspect_build
-        from preprocess.manifest import ManifestError
 
         try:
             inspect_build(args.output, args.sequence)

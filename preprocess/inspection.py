@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data.manifest import build_dir_of, load_manifest
+from engine.data.shards import PackedSequence, ShardReader
 from engine.tokenizer.chat import IMAGE_PLACEHOLDER
-from preprocess.manifest import build_dir_of, load_manifest
-from preprocess.shards import PackedSequence, ShardReader
 
 
 def render_tokens(tokens: np.ndarray, slot_starts, tokenizer, tokens_per_image: int) -> str:
@@ -63,11 +63,11 @@ def print_summary(manifest: dict, file=None) -> None:
           f"{len(manifest['embeddings']['segments'])} segments", file=file)
 
 
-def print_sequence(out: Path, manifest: dict, index: int, file=None) -> None:
+def print_sequence(reader: ShardReader, index: int, file=None) -> None:
     file = file or sys.stdout
     from engine.tokenizer import load_saved_tokenizer
 
-    reader = ShardReader(out)
+    out, manifest = reader.out_dir, reader.manifest
     tokenizer = load_saved_tokenizer(out / manifest["tokenizer"]["dir"])
     shard, local = reader.locate(index)
     sequence = reader.sequence(shard, local)
@@ -99,10 +99,17 @@ def print_sequence(out: Path, manifest: dict, index: int, file=None) -> None:
 
 
 def inspect_build(path: str | Path, sequence: int | None = None, file=None) -> None:
+    """Print a build's statistics (and sequence `sequence`, decoded).
+
+    Raises:
+        ManifestError: no such directory, not a finished build, or a file that is missing, of the wrong size
+            or not in the format (a corrupt `.idx`, named): the CLI prints it as one line, exit status 2.
+    """
     file = file or sys.stdout
     out = build_dir_of(path)
     manifest = load_manifest(out, check_sha256=False)
+    reader = ShardReader(out)  # opens every stream's index: a corrupt one is reported here, by name
     print_summary(manifest, file)
     if sequence is not None:
         print("", file=file)
-        print_sequence(out, manifest, sequence, file)
+        print_sequence(reader, sequence, file)

@@ -1,92 +1,146 @@
-"""manifest.json: what a build contains, written last, and the checks every reader runs on it.
-
-The manifest lists every other file of the build with its sha256 and size. It also checksums itself: the
-field `manifest_sha256` is the sha256 of the canonical serialisation (sorted keys, indent 1, "\\n" at the
-end) with that field set to "", and the file must be byte-for-byte that serialisation, so a flipped byte
-anywhere in it is caught too.
-"""
+"""The build's manifest.json, assembled by rank 0 from the parts and written last, and the summary printed
+at the end of a build. The format and its checks are `engine.data.manifest` (re-exported here)."""
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import json
+import shutil
+import sys
 from pathlib import Path
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+import numpy as np
+
+from engine.config import TOKENS_PER_IMAGE, VISION_DIM
+from engine.data.atomic import save_npy_atomic, write_bytes_atomic
+from engine.data.manifest import (  # noqa: F401 (re-exported)
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ManifestError,
+    build_dir_of,
+    check_manifest_bytes,
+    load_manifest,
+    serialize_manifest,
+    sha256_file,
+)
+from engine.data.shards import segment_path, shard_prefix
+from preprocess.build_state import BUILD_STATE
+from preprocess.shard_builder import PARTS_DIR
+
+COUNT_KEYS = ("samples_read", "samples_written", "sequences", "documents", "images", "unique_images", "tokens")
 
 
-class ManifestError(ValueError):
-    """The build directory is not a complete, intact build of a supported format."""
-
-
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _canonical(manifest: dict) -> bytes:
-    return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def serialize_manifest(manifest: dict) -> bytes:
-    """Canonical bytes with `manifest_sha256` filled in."""
-    body = dict(manifest, manifest_sha256="")
-    body["manifest_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
-    return _canonical(body)
-
-
-def build_dir_of(path: str | Path) -> Path:
-    """The build directory for a path naming it or its manifest.json."""
-    path = Path(path)
-    return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
-
-
-def check_manifest_bytes(data: bytes) -> dict:
-    """Parse and self-check manifest bytes. Raises ManifestError naming manifest.json."""
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ManifestError(f"{MANIFEST_NAME}: corrupt, not valid JSON ({error})") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{MANIFEST_NAME}: corrupt, not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"{MANIFEST_NAME}: format_version {version!r} is not supported "
-                            f"(this reader handles {FORMAT_VERSION})")
-    recorded = manifest.get("manifest_sha256")
-    if not isinstance(recorded, str) or serialize_manifest(manifest) != data:
-        raise ManifestError(f"{MANIFEST_NAME}: checksum mismatch (the file was modified or corrupted)")
+def write_manifest(out: Path, config, state: dict, tokenizer, summaries: list[dict], keeps: list[list[int]],
+                   row_hashes: list[str], files: dict[str, list]) -> dict:
+    """embeddings/index.npy, rejects.jsonl, then manifest.json (last); removes parts/ and build.json."""
+    counts = collections.Counter()
+    skipped = collections.Counter()
+    shards, segments = [], []
+    index_rows = []
+    for summary, keep in zip(summaries, keeps):
+        shard = summary["shard"]
+        counts.update({key: value for key, value in summary["counts"].items() if key != "unique_images"})
+        skipped.update(summary["skipped"])
+        files.update(summary["files"])
+        if keep:
+            for row, _ in enumerate(keep):
+                index_rows.append((len(segments), row))
+            segments.append({"path": segment_path(shard), "rows": len(keep), "shard": shard})
+        # An empty shard (every record rejected) gets no streams: megatron cannot memory-map empty files.
+        if summary["counts"].get("sequences", 0):
+            prefix = shard_prefix(shard)
+            shards.append({
+                "index": shard, "tokens": prefix, "loss_mask": f"{prefix}.loss_mask",
+                "doc_bounds": f"{prefix}.doc_bounds", "images": f"{prefix}.images",
+                "image_rows": f"{prefix}.image_rows.npy", "documents": f"{prefix}.documents.jsonl",
+                "counts": {key: summary["counts"].get(key, 0) for key in COUNT_KEYS},
+            })
+    index = np.zeros(len(row_hashes), dtype=[("segment", "<i4"), ("row", "<i8"), ("sha256", "S32")])
+    if row_hashes:
+        index["segment"] = [segment for segment, _ in index_rows]
+        index["row"] = [row for _, row in index_rows]
+        index["sha256"] = [bytes.fromhex(digest) for digest in row_hashes]
+    save_npy_atomic(out / "embeddings" / "index.npy", index)
+    rejects = "".join(_json_line(entry) for summary in summaries for entry in summary["rejects"])
+    write_bytes_atomic(out / "rejects.jsonl", rejects.encode("utf-8"))
+    for relative in ["embeddings/index.npy", "rejects.jsonl"] + \
+            sorted(str(p.relative_to(out)) for p in (out / "tokenizer").iterdir()):
+        files[relative] = [sha256_file(out / relative), (out / relative).stat().st_size]
+    counts["unique_images"] = len(row_hashes)
+    sequences = counts["sequences"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "seq_length": config.seq_length,
+        "tokens_per_image": TOKENS_PER_IMAGE,
+        "vision_dim": VISION_DIM,
+        "chat_template": config.chat_template,
+        "settings": state["settings"],
+        "inputs": state["inputs"],
+        "tokenizer": {
+            "dir": "tokenizer", "type": tokenizer.kind, "fingerprint": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size, "base_vocab_size": tokenizer.base_vocab_size,
+            "image_start_id": tokenizer.image_start_id, "image_end_id": tokenizer.image_end_id,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+        },
+        "vision_encoder": state["vision_encoder"],
+        "shards": shards,
+        "embeddings": {"dtype": "bfloat16", "row_shape": [TOKENS_PER_IMAGE, VISION_DIM], "rows": len(row_hashes),
+                       "index": "embeddings/index.npy", "segments": segments},
+        "counts": {key: int(counts.get(key, 0)) for key in COUNT_KEYS},
+        "truncated": int(counts.get("truncated", 0)),
+        "padding_tokens": int(sequences * config.seq_length - counts["tokens"]),
+        "packing_efficiency": round(counts["tokens"] / (sequences * config.seq_length), 6) if sequences else 0.0,
+        "skipped": dict(sorted(skipped.items())),
+        "rejects": "rejects.jsonl",
+        "sha256": {relative: files[relative][0] for relative in sorted(files)},
+        "bytes": {relative: files[relative][1] for relative in sorted(files)},
+    }
+    write_bytes_atomic(out / MANIFEST_NAME, serialize_manifest(manifest))
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
 
 
-def load_manifest(path: str | Path, *, check_sha256: bool = True) -> dict:
-    """Read a build's manifest, check its format version and integrity, and the files it lists.
+def _json_line(entry: dict) -> str:
+    return json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
 
-    Args:
-        path: the build directory or its manifest.json.
-        check_sha256: re-hash every listed file (always: check each exists with the recorded size).
 
-    Raises:
-        ManifestError: naming the first bad file (missing, wrong size, or sha256 mismatch).
-    """
-    directory = build_dir_of(path)
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise ManifestError(f"{directory} is not a finished build: {MANIFEST_NAME} is missing "
-                            "(an interrupted build is finished with `build ... --resume`)")
-    manifest = check_manifest_bytes(manifest_path.read_bytes())
-    for relative, size in manifest["bytes"].items():
-        file_path = directory / relative
-        if not file_path.is_file():
-            raise ManifestError(f"{relative}: missing")
-        if file_path.stat().st_size != size:
-            raise ManifestError(f"{relative}: size {file_path.stat().st_size} != {size} recorded in the manifest")
-    if check_sha256:
-        for relative, digest in manifest["sha256"].items():
-            if sha256_file(directory / relative) != digest:
-                raise ManifestError(f"{relative}: sha256 mismatch (the file was modified or corrupted)")
-    return manifest
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def summary_lines(out: Path, manifest: dict, summaries: list[dict], seconds: float) -> list[str]:
+    """What a finished build prints: the first rejects, what was built, and how fast (stderr)."""
+    lines = []
+    shown = 0
+    for summary in summaries:
+        for entry in summary["rejects"]:
+            if shown < 20:
+                lines.append(f"skipped {entry['file']}:{entry['line']}: {entry['reason']}: {entry['message']}")
+            shown += 1
+    if shown > 20:
+        lines.append(f"... and {shown - 20} more skipped records, see {out / 'rejects.jsonl'}")
+    counts = manifest["counts"]
+    skipped = manifest["skipped"]
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        skip_text = f"{sum(skipped.values())} skipped ({reasons}; see {out / 'rejects.jsonl'})"
+    else:
+        skip_text = "none skipped"
+    lines.append(f"built {out}: {counts['sequences']} sequences of {manifest['seq_length']} tokens from "
+                 f"{counts['samples_written']} of {counts['samples_read']} records, {skip_text}")
+    encoder = manifest["vision_encoder"]
+    images = f"{counts['images']} images ({counts['unique_images']} unique)"
+    if counts["images"]:
+        images += f" embedded by {encoder.get('name')} (decoder {encoder.get('decoder', '-')})"
+    lines.append(f"  {counts['tokens']:,} tokens, packing efficiency {manifest['packing_efficiency']:.2%}, "
+                 f"{manifest['truncated']} truncated; {images}")
+    seconds = max(seconds, 1e-6)
+    lines.append(f"  {seconds:.1f} s: {_rate(counts['samples_read'] / seconds)} records/s, "
+                 f"{_rate(counts['tokens'] / seconds)} tokens/s, {_rate(counts['images'] / seconds)} images/s")
+    return lines
+
+
+def print_summary(out: Path, manifest: dict, summaries: list[dict], seconds: float) -> None:
+    for line in summary_lines(out, manifest, summaries, seconds):
+        print(line, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`python -m preprocess verify OUT`: checksums and index consistency of a finished build.
+"""`python -m preprocess verify OUT`: checksums, index consistency and finite embeddings of a finished build.
 
 Every fault is collected (not just the first) and named by file; the exit status is non-zero if any.
 """
@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.manifest import MANIFEST_NAME, ManifestError, build_dir_of, check_manifest_bytes, sha256_file
-from preprocess.shards import IMAGE_FIELDS, ROW_BYTES
+from engine.data.indexed_dataset import read_index
+from engine.data.manifest import MANIFEST_NAME, ManifestError, build_dir_of, check_manifest_bytes, sha256_file
+from engine.data.shards import IMAGE_FIELDS, ROW_BYTES, ROW_SHAPE
+
+# Embedding rows checked for NaN/Inf per read (bf16 bit patterns: exponent all ones).
+_FINITE_CHUNK = 256
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -22,6 +26,8 @@ def verify_build(path: str | Path) -> tuple[list[str], list[str]]:
     faults: list[str] = []
     warnings: list[str] = []
     manifest_path = out / MANIFEST_NAME
+    if not out.is_dir():
+        return [f"{out}: no such directory"], warnings
     if not manifest_path.is_file():
         return [f"{MANIFEST_NAME}: missing (not a finished build)"], warnings
     try:
@@ -82,6 +88,16 @@ def _check_tokenizer(out: Path, manifest: dict, faults: list[str]) -> None:
         faults.append(f"{manifest['tokenizer']['dir']}: tokenizer fingerprint differs from the manifest")
 
 
+def _check_finite(path: Path, rows: int) -> int | None:
+    """First embedding row of a segment holding a NaN or Inf (any bf16 with an all-ones exponent), or None."""
+    data = np.memmap(path, dtype="<u2", mode="r", shape=(rows, ROW_SHAPE[0] * ROW_SHAPE[1]))
+    for start in range(0, rows, _FINITE_CHUNK):
+        bad = ((data[start:start + _FINITE_CHUNK] & 0x7F80) == 0x7F80).any(axis=1)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
 def _check_embeddings(out: Path, manifest: dict, faults: list[str]) -> int:
     embeddings = manifest["embeddings"]
     rows = 0
@@ -89,6 +105,10 @@ def _check_embeddings(out: Path, manifest: dict, faults: list[str]) -> int:
         size = (out / segment["path"]).stat().st_size if (out / segment["path"]).is_file() else -1
         if size != segment["rows"] * ROW_BYTES:
             faults.append(f"{segment['path']}: {size} bytes, expected {segment['rows']} rows x {ROW_BYTES}")
+        elif segment["rows"]:
+            bad = _check_finite(out / segment["path"], segment["rows"])
+            if bad is not None:
+                faults.append(f"{segment['path']}: row {bad} holds NaN or Inf (embeddings must be finite)")
         rows += segment["rows"]
     if rows != embeddings["rows"]:
         faults.append(f"{MANIFEST_NAME}: embedding segments hold {rows} rows, manifest says {embeddings['rows']}")
@@ -107,23 +127,38 @@ def _check_embeddings(out: Path, manifest: dict, faults: list[str]) -> int:
     return rows
 
 
-def _check_shard(out: Path, manifest: dict, shard: dict, rows_total: int, faults: list[str], totals: dict) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+class _IndexedStream:
+    """One stream as (parsed index, memory map): item k is sequence k."""
 
+    def __init__(self, prefix: Path) -> None:
+        size = os.path.getsize(f"{prefix}.bin")
+        self.index = read_index(str(prefix), size)
+        self.data = np.memmap(f"{prefix}.bin", dtype=self.index.dtype, mode="r") if size else \
+            np.zeros(0, dtype=self.index.dtype)
+        self.starts = self.index.pointers // self.index.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.index.lengths.shape[0]
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.data[self.starts[k]:self.starts[k] + self.index.lengths[k]]
+
+
+def _check_shard(out: Path, manifest: dict, shard: dict, rows_total: int, faults: list[str], totals: dict) -> None:
     seq_length = manifest["seq_length"]
     tokenizer = manifest["tokenizer"]
     per_image = manifest["tokens_per_image"]
     name = shard["tokens"]
-    streams = {key: IndexedDataset(str(out / shard[key])) for key in ("tokens", "loss_mask", "doc_bounds", "images")}
+    streams = {key: _IndexedStream(out / shard[key]) for key in ("tokens", "loss_mask", "doc_bounds", "images")}
     count = shard["counts"]["sequences"]
     for key, dataset in streams.items():
         if len(dataset) != count:
             faults.append(f"{shard[key]}: {len(dataset)} sequences, manifest says {count}")
             return
-        if not np.array_equal(dataset.document_indices, np.arange(count + 1)):
+        if not np.array_equal(dataset.index.documents, np.arange(count + 1)):
             faults.append(f"{shard[key]}: megatron document index is not one document per sequence")
     for key in ("tokens", "loss_mask"):
-        if not (streams[key].sequence_lengths == seq_length).all():
+        if not (streams[key].index.lengths == seq_length).all():
             faults.append(f"{shard[key]}: a sequence is not exactly seq_length={seq_length} long")
             return
     tokens = np.memmap(out / (name + ".bin"), dtype=np.int32, mode="r").reshape(count, seq_length)

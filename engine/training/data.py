@@ -437,7 +437,7 @@ def _manifest_field(manifest: dict, *names: str) -> Any:
 def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums: bool) -> OpenedData:
     """Opens every build with `ShardReader` (format version and sizes always; sha256 when asked) and refuses
     builds made with different tokenizers or vision encoders, or different sequence lengths."""
-    from preprocess.shards import ShardReader
+    from engine.data.shards import ShardReader
 
     datasets = []
     tokenizer_prints, encoder_prints, lengths = {}, {}, {}

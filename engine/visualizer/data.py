@@ -26,9 +26,9 @@ def find_image_rows(build: str | Path, image_root: str | Path, inputs: list[str]
     Raises:
         ValueError: for an `--embeddings-dir` build, or when no image is found (wrong root or inputs).
     """
-    from preprocess.images import ImageSource
-    from preprocess.records import RecordError, detect_kind, iter_json_array, iter_jsonl
-    from preprocess.shards import ShardReader
+    from engine.data.image_source import ImageSource
+    from engine.data.records import RecordError, detect_kind, iter_json_array, iter_jsonl
+    from engine.data.shards import ShardReader
 
     reader = ShardReader(build)
     manifest = reader.manifest
@@ -90,8 +90,8 @@ class ImageEmbeddingPairs(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from preprocess.images import ImageSource
-        from preprocess.shards import ShardReader
+        from engine.data.image_source import ImageSource
+        from engine.data.shards import ShardReader
 
         if self._reader is None:  # opened lazily, once per DataLoader worker
             self._reader = ShardReader(self.build)

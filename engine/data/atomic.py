@@ -1,0 +1,29 @@
+"""Atomic file writes: every file of a build appears under its final name only once it is complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def replace_atomic(tmp: str | Path, final: str | Path) -> None:
+    """fsync then rename: the final name only ever points at a complete file."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    replace_atomic(tmp, path)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    replace_atomic(tmp, path)

@@ -1,0 +1,96 @@
+"""manifest.json: what a build contains, written last, and the checks every reader runs on it.
+
+The manifest lists every other file of the build with its sha256 and size. It also checksums itself: the
+field `manifest_sha256` is the sha256 of the canonical serialisation (sorted keys, indent 1, "\\n" at the
+end) with that field set to "", and the file must be byte-for-byte that serialisation, so a flipped byte
+anywhere in it is caught too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The build directory is not a complete, intact build of a supported format."""
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _canonical(manifest: dict) -> bytes:
+    return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def serialize_manifest(manifest: dict) -> bytes:
+    """Canonical bytes with `manifest_sha256` filled in."""
+    body = dict(manifest, manifest_sha256="")
+    body["manifest_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+    return _canonical(body)
+
+
+def build_dir_of(path: str | Path) -> Path:
+    """The build directory for a path naming it or its manifest.json."""
+    path = Path(path)
+    return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+
+
+def check_manifest_bytes(data: bytes) -> dict:
+    """Parse and self-check manifest bytes. Raises ManifestError naming manifest.json."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{MANIFEST_NAME}: corrupt, not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{MANIFEST_NAME}: corrupt, not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{MANIFEST_NAME}: format_version {version!r} is not supported "
+                            f"(this reader handles {FORMAT_VERSION})")
+    recorded = manifest.get("manifest_sha256")
+    if not isinstance(recorded, str) or serialize_manifest(manifest) != data:
+        raise ManifestError(f"{MANIFEST_NAME}: checksum mismatch (the file was modified or corrupted)")
+    return manifest
+
+
+def load_manifest(path: str | Path, *, check_sha256: bool = True) -> dict:
+    """Read a build's manifest, check its format version and integrity, and the files it lists.
+
+    Args:
+        path: the build directory or its manifest.json.
+        check_sha256: re-hash every listed file (always: check each exists with the recorded size).
+
+    Raises:
+        ManifestError: naming the first bad file (missing, wrong size, or sha256 mismatch).
+    """
+    directory = build_dir_of(path)
+    manifest_path = directory / MANIFEST_NAME
+    if not directory.exists():
+        raise ManifestError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: not a directory (a build is a directory holding {MANIFEST_NAME})")
+    if not manifest_path.is_file():
+        raise ManifestError(f"{directory} is not a finished build: {MANIFEST_NAME} is missing "
+                            "(an interrupted build is finished with `build ... --resume`)")
+    manifest = check_manifest_bytes(manifest_path.read_bytes())
+    for relative, size in manifest["bytes"].items():
+        file_path = directory / relative
+        if not file_path.is_file():
+            raise ManifestError(f"{relative}: missing")
+        if file_path.stat().st_size != size:
+            raise ManifestError(f"{relative}: size {file_path.stat().st_size} != {size} recorded in the manifest")
+    if check_sha256:
+        for relative, digest in manifest["sha256"].items():
+            if sha256_file(directory / relative) != digest:
+                raise ManifestError(f"{relative}: sha256 mismatch (the file was modified or corrupted)")
+    return manifest
