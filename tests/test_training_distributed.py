@@ -104,7 +104,7 @@ def test_ddp_resume_after_sigkill_mid_checkpoint_is_bitwise(reference, tmp_path)
     args = [*TINY, "--log-jsonl", str(log), "--save", str(save), "--save-interval", "2"]
     procs = launch(args, tmp_path, env_extra={"CHRYSALIS_TEST_SLEEP_IN_SAVE": "4:120"})
     deadline = time.time() + 240
-    while not (save / "iter_0000004" / ".metadata").exists():  # DCP files of iteration 4 written, record not yet
+    while not (save / "iter_0000004" / "state.json").exists():  # DCP files of iteration 4 written, record not yet
         assert time.time() < deadline and all(p.poll() is None for p in procs), "trainer ended early"
         time.sleep(0.2)
     for p in procs:

@@ -182,12 +182,13 @@ def test_corrupt_and_interrupted_checkpoints_fall_back(tmp_path):
     t.train()
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
     # A flipped byte in the newest checkpoint, and an interrupted save after it.
-    shard = save / "iter_0000003" / "__0_0.distcp"
+    (shard,) = (save / "iter_0000003").glob("*.safetensors")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    (save / "iter_0000004").mkdir()
-    (save / "iter_0000004" / "__0_0.distcp").write_bytes(b"partial")
+    (save / "iter_0000004").mkdir()  # an interrupted save of the same run: its owner file, part of a shard
+    (save / "iter_0000004" / "owner.json").write_text((save / "iter_0000003" / "owner.json").read_text())
+    (save / "iter_0000004" / shard.name).write_bytes(b"partial")
     logs = []
     found = ckpt.find_resumable(save, verify=True, info=build_device_mesh(), log=logs.append)
     assert found == save / "iter_0000002"
@@ -196,7 +197,8 @@ def test_corrupt_and_interrupted_checkpoints_fall_back(tmp_path):
     resumed = Trainer(parse_training_config([*TINY, "--train-iters", "3", "--load", str(save)]), build_device_mesh(),
                       log=logs.append)
     assert resumed.iteration == 2
-    (save / "iter_0000002" / "__0_0.distcp").write_bytes(b"")  # truncated
+    (shard,) = (save / "iter_0000002").glob("*.safetensors")
+    shard.write_bytes(b"")  # truncated
     assert "truncated" in ckpt.check_checkpoint(save / "iter_0000002", verify=False)
 
 

@@ -1,26 +1,46 @@
-"""Training checkpoints: torch.distributed.checkpoint (DCP) shards + a completion record written last.
+"""Training checkpoints: pickle-free DCP shards (safetensors + JSON) and a completion record written last.
 
     SAVE/
-      latest                     "iter_0000200\\n", replaced atomically after every rank finished iter_0000200
+      latest                     "iter_0000200\\n", replaced atomically once iter_0000200 is complete
       iter_0000200/
-        .metadata, __0_0.distcp, __1_0.distcp ...   DCP: model, optimizer, scheduler, trainer/loader state, RNG
+        owner.json               written first: {"run_id", "iteration"}; an interrupted save still has an owner
+        shard-00001-model-00001-of-00001.safetensors ...
+                                 torch.distributed.checkpoint through HuggingFaceStorageWriter: every rank writes
+                                 its shards of the model and optimizer tensors; the sharding offsets are JSON in
+                                 the safetensors header
+        state.json               trainer state and the optimizer's non-tensor items (hyper-parameters per parameter)
+        rng/rank_00000.json ...  each rank's Python, NumPy, torch (and CUDA) RNG state
         tokenizer/               copy of the shards' tokenizer (load with engine.tokenizer.load_saved_tokenizer)
-        chrysalis_train.json     written last by rank 0: iteration, config, vocabulary, vision-encoder
-                                 reference, and size + sha256 of every other file
+        chrysalis_train.json     written last by rank 0: iteration, run id, config, model config, vocabulary,
+                                 data references, and size + sha256 of every other file
 
-A `kill -9` during a save leaves a directory without `chrysalis_train.json` (or with files that no longer match
-it); `find_resumable` skips such checkpoints, falls back to the newest complete one and says which and why.
-DCP reshards on load, so a run saved with N processes (DDP or FSDP2) resumes with M.
+Nothing read from a checkpoint can run code: tensors come from safetensors, everything else from JSON, and the DCP
+metadata is rebuilt from the safetensors headers by `HuggingFaceStorageReader` (DCP's default `FileSystemReader`
+unpickles `.metadata`; it is never used). A directory holding pickled DCP files (`.metadata`, `*.distcp`) or any
+file its record does not list is refused before anything in it is read.
+
+No finished work is lost: a run prunes (`--keep-last`) only checkpoints it wrote (the run id in `owner.json`);
+a checkpoint name already taken by another run gets the run id as a suffix (`iter_0000200-1a2b3c4d`); a complete
+checkpoint of this run is replaced only after its replacement is complete (written beside it, then renamed).
+Resuming follows `latest` (validated), falling back to older checkpoints of the same run; without a usable `latest`
+it takes the most recently saved complete checkpoint. DCP reshards on load, so a run saved with N processes in
+one layout (DDP, FSDP2, TP, PP) resumes with M processes in another.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import time
-from pathlib import Path
+import uuid
+import warnings
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,26 +57,53 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.checkpoint_io import atomic_write_text, sha256_file
+from engine.checkpoint_io import CheckpointError, atomic_write_text, sha256_file
 from engine.training.parallel import ParallelInfo
 
 FORMAT = "chrysalis-training-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RECORD = "chrysalis_train.json"
 LATEST = "latest"
+OWNER = "owner.json"
+STATE = "state.json"
+RNG_DIR = "rng"
+PICKLED_SUFFIXES = (".metadata", ".distcp", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_NAME = re.compile(r"^iter_(\d{7,})(?:-([0-9a-f]{8}))?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Test-only: "SECONDS" or "ITERATION:SECONDS" to sleep after the DCP files are written and before the completion
 # record (of every save, or of the save of ITERATION), so a test can SIGKILL the trainer in the middle of a save.
 _TEST_SLEEP_ENV = "CHRYSALIS_TEST_SLEEP_IN_SAVE"
+
+__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "LATEST", "RECORD", "check_checkpoint", "checkpoint_name",
+           "find_resumable", "load_checkpoint", "load_model_weights", "model_config_mismatches", "new_run_id",
+           "prune", "read_record", "resume_run_id", "save_checkpoint"]
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
 def _iteration_of(path: Path) -> int | None:
-    if path.name.startswith("iter_") and path.name[5:].isdigit():
-        return int(path.name[5:])
-    return None
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoint_dirs(save_dir: Path) -> list[Path]:
+    if not save_dir.is_dir():
+        return []
+    return [p for p in save_dir.iterdir() if p.is_dir() and _iteration_of(p) is not None]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load that it assumes a single process; that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier(info: ParallelInfo) -> None:
@@ -70,27 +119,47 @@ def _broadcast(obj: Any, info: ParallelInfo) -> Any:
     return box[0]
 
 
-def _all_gather(obj: Any, info: ParallelInfo) -> list[Any]:
-    if info.mesh is None:
+def _all_gather(obj: Any, info: ParallelInfo | None) -> list[Any]:
+    """In-memory objects of this job's own processes (never anything read from a checkpoint file)."""
+    if info is None or info.mesh is None:
         return [obj]
     out = [None] * info.world_size
     dist.all_gather_object(out, obj, group=info.world_group)
     return out
 
 
+def _raise_together(problem: str | None, info: ParallelInfo | None) -> None:
+    """Every rank raises when any rank found a problem (instead of the others hanging in the next collective)."""
+    found = [p for p in _all_gather(problem, info) if p]
+    if found:
+        raise CheckpointError(found[0])
+
+
+# ------------------------------------------------------------------------------------------------- RNG as JSON
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON-able values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state((str(n["kind"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------------- state dicts
@@ -173,12 +242,14 @@ def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
     return model_sd, optim_sd
 
 
-def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: dict | None,
+                                  strict: bool = True) -> None:
     parts = _parts(model)
+    model_options = StateDictOptions(strict=strict)
     if parts is None:
         model_sd, optim_sd = _from_checkpoint_names(model, model_sd, optim_sd)
         if optim_sd is None:
-            set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+            set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={}, options=model_options)
         else:
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_FLAT)
         return
@@ -187,7 +258,7 @@ def set_model_and_optimizer_state(model, optimizer, model_sd: dict, optim_sd: di
         part_model_sd, part_optim_sd = _from_checkpoint_names(part, model_sd, optim_sd)
         part_model = {k: v for k, v in part_model_sd.items() if k in own}
         if opt is None or optim_sd is None:
-            set_state_dict(part, [], model_state_dict=part_model, optim_state_dict={})
+            set_state_dict(part, [], model_state_dict=part_model, optim_state_dict={}, options=model_options)
             continue
         part_optim = {k: v for k, v in part_optim_sd.items() if _fqn_of_optimizer_key(k) in own}
         set_state_dict(part, opt, model_state_dict=part_model, optim_state_dict=part_optim, options=_FLAT)
@@ -207,9 +278,73 @@ def model_state(model) -> dict:
     return out
 
 
+def _split_tensors(optim_sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor items, JSON-able items) of a flattened optimizer state dict."""
+    tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
+    other = {k: _jsonable(v, k) for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
+    return tensors, other
+
+
+def _jsonable(value: Any, key: str) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, key) for v in value]
+    raise TypeError(f"optimizer item {key!r} of type {type(value).__name__} cannot be saved as JSON")
+
+
+def _restore_like(value: Any, template: Any) -> Any:
+    """A JSON value with the Python type of the optimizer's current value (tuples, non-finite floats)."""
+    if isinstance(template, tuple) and isinstance(value, list):
+        return tuple(_restore_like(v, t) for v, t in zip(value, template))
+    if isinstance(template, float) and isinstance(value, str):
+        return float(value)
+    if isinstance(template, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 # ------------------------------------------------------------------------------------------------- saving
+def _owner(path: Path) -> str | None:
+    """The run id that wrote checkpoint directory `path` (owner.json, else its record), or None if unknown."""
+    for name in (OWNER, RECORD):
+        try:
+            data = json.loads((path / name).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+            return data["run_id"]
+    return None
+
+
+def _plan_save(save_dir: Path, iteration: int, run_id: str, log: Callable[[str], None]) -> tuple[str, Path,
+                                                                                                   Path | None]:
+    """Rank 0: (checkpoint name, directory to write into, complete checkpoint of this run it replaces or None).
+    Another run's directory is never touched: its name gets this run's id as a suffix."""
+    name = checkpoint_name(iteration)
+    path = save_dir / name
+    if path.exists() and _owner(path) != run_id:
+        name = f"{name}-{run_id[:8]}"
+        path = save_dir / name
+        if path.exists() and _owner(path) != run_id:
+            raise CheckpointError(f"cannot save iteration {iteration}: {save_dir / checkpoint_name(iteration)} and "
+                                  f"{path} belong to other runs")
+    if not path.exists():
+        return name, path, None
+    if (path / RECORD).is_file():  # complete: replaced only once the new one is complete
+        staging = save_dir / f"{name}.saving"
+        if staging.exists():
+            shutil.rmtree(staging)
+        return name, staging, path
+    log(f"removing {path}: an interrupted save of this run")
+    shutil.rmtree(path)
+    return name, path, None
+
+
 def save_checkpoint(save_dir: str | Path, iteration: int, *, model, optimizer,
-                    trainer_state: dict[str, Any], record: dict[str, Any], info: ParallelInfo,
+                    trainer_state: dict[str, Any], record: dict[str, Any], info: ParallelInfo, run_id: str,
                     tokenizer_dir: Path | None = None, keep_last: int = 0,
                     log: Callable[[str], None] = print) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
@@ -217,43 +352,73 @@ def save_checkpoint(save_dir: str | Path, iteration: int, *, model, optimizer,
     Args:
         trainer_state: JSON-able state (iteration, consumed samples, scheduler, skipped steps, ...).
         record: JSON-able facts for the completion record (config, vocabulary, data references).
+        run_id: this run's id (`new_run_id()`, or `resume_run_id()` of the checkpoint it resumed); pruning only
+            touches checkpoints with this id.
     """
     save_dir = Path(save_dir)
-    path = save_dir / checkpoint_name(iteration)
+    plan = None
     if info.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # a leftover from an interrupted save of this iteration
-            shutil.rmtree(path)
-        path.mkdir()
-    _barrier(info)
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            name, target, replaces = _plan_save(save_dir, iteration, run_id, log)
+            target.mkdir()
+            (target / RNG_DIR).mkdir()
+            atomic_write_text(target / OWNER, json.dumps({"run_id": run_id, "iteration": iteration,
+                                                          "started_at": time.time()}) + "\n")
+            plan = (name, str(target), str(replaces) if replaces else None)
+        except (OSError, CheckpointError) as err:
+            plan = f"cannot save a checkpoint in {save_dir}: {err}"
+    plan = _broadcast(plan, info)
+    if isinstance(plan, str):
+        raise CheckpointError(plan)
+    name, target, replaces = plan[0], Path(plan[1]), Path(plan[2]) if plan[2] else None
     start = time.perf_counter()
     model_sd, optim_sd = model_and_optimizer_state(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd, "trainer": json.dumps(trainer_state, sort_keys=True),
-             f"rng_rank{info.rank}": rng_state()}
-    dcp.save(state, checkpoint_id=str(path), process_group=info.world_group)
-    if info.is_main and tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, path / "tokenizer")
+    optim_tensors, optim_other = _split_tensors(optim_sd)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optimizer": optim_tensors},
+                 storage_writer=HuggingFaceStorageWriter(str(target), save_distributed=True),
+                 process_group=info.world_group, no_dist=info.mesh is None)
+    atomic_write_text(target / RNG_DIR / f"rank_{info.rank:05d}.json", json.dumps(rng_state()) + "\n")
+    merged: dict[str, Any] = {}
+    for items in _all_gather(optim_other, info):
+        merged.update(items)
+    if info.is_main:
+        state = {"trainer": trainer_state, "optimizer_items": merged}
+        atomic_write_text(target / STATE, json.dumps(state, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, target / "tokenizer")
     _test_sleep(iteration)
     _barrier(info)
     # Each rank hashes a share of the files, so hashing time does not grow with the world size.
-    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    mine = {f: {"size": (path / f).stat().st_size, "sha256": sha256_file(path / f)}
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    mine = {f: {"size": (target / f).stat().st_size, "sha256": sha256_file(target / f)}
             for i, f in enumerate(files) if i % info.world_size == info.rank}
     hashed: dict[str, Any] = {}
     for part in _all_gather(mine, info):
         hashed.update(part)
     if info.is_main:
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
-                "world_size": info.world_size, "saved_at": time.time(), **record, "files": hashed}
-        atomic_write_text(path / RECORD, json.dumps(body, indent=1, sort_keys=True, default=str) + "\n")
-        _fsync_dir(path)
-        atomic_write_text(save_dir / LATEST, checkpoint_name(iteration) + "\n")
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration, "run_id": run_id,
+                "name": name, "world_size": info.world_size, "saved_at": time.time(), **record, "files": hashed}
+        atomic_write_text(target / RECORD, json.dumps(body, indent=1, sort_keys=True, default=str) + "\n")
+        _fsync_dir(target)
+        final = save_dir / name
+        if replaces is not None:  # the new checkpoint is complete: only now does the old one go
+            old = save_dir / f"{name}.replaced"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(replaces, old)
+            os.replace(target, final)
+            _fsync_dir(save_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"replaced {final} (an earlier save of this iteration by this run)")
+        atomic_write_text(save_dir / LATEST, name + "\n")
         _fsync_dir(save_dir)
         if keep_last > 0:
-            prune(save_dir, keep_last, log)
-        log(f"saved checkpoint {path} in {time.perf_counter() - start:.1f}s")
+            prune(save_dir, keep_last, run_id, log, protect=final)
+        log(f"saved checkpoint {final} in {time.perf_counter() - start:.1f}s")
     _barrier(info)
-    return path
+    return save_dir / name
 
 
 def _test_sleep(iteration: int) -> None:
@@ -278,13 +443,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prune(save_dir: Path, keep_last: int, log: Callable[[str], None] = print) -> None:
-    """Deletes complete checkpoints beyond the newest `keep_last`, and interrupted ones older than those kept."""
-    dirs = sorted((p for p in save_dir.iterdir() if p.is_dir() and _iteration_of(p) is not None), key=_iteration_of)
-    complete = [p for p in dirs if (p / RECORD).is_file()]
+def prune(save_dir: Path, keep_last: int, run_id: str, log: Callable[[str], None] = print,
+          protect: Path | None = None) -> None:
+    """Deletes this run's complete checkpoints beyond its newest `keep_last`, and its interrupted saves older than
+    those kept. Checkpoints of other runs (other ids, or no owner) are never touched."""
+    mine = sorted((p for p in _checkpoint_dirs(save_dir) if _owner(p) == run_id), key=_iteration_of)
+    complete = [p for p in mine if (p / RECORD).is_file()]
     keep = set(complete[-keep_last:])
-    oldest_kept = _iteration_of(min(keep, key=_iteration_of)) if keep else None
-    for p in dirs:
+    if protect is not None:
+        keep.add(protect)
+    oldest_kept = min(_iteration_of(p) for p in keep) if keep else None
+    for p in mine:
         if p in keep:
             continue
         if p in complete or (oldest_kept is not None and _iteration_of(p) < oldest_kept):
@@ -292,23 +461,78 @@ def prune(save_dir: Path, keep_last: int, log: Callable[[str], None] = print) ->
             log(f"removed old checkpoint {p}")
 
 
-# ------------------------------------------------------------------------------------------------- finding
+# ------------------------------------------------------------------------------------------------- records
+def _record_problem(record: Any, record_path: Path) -> str | None:
+    """None if `record` is a well-formed completion record, else a one-line reason naming the field."""
+    if not isinstance(record, dict):
+        return f"{record_path} holds a JSON {type(record).__name__}, not an object"
+    if record.get("format") != FORMAT:
+        return f"{record_path}: format is {record.get('format')!r}, not {FORMAT!r}"
+    version = record.get("format_version")
+    if version == 1:
+        return (f"{record_path}: format_version 1 (DCP with pickled .metadata) is refused: this Chrysalis never "
+                "unpickles checkpoint files; re-save it with the Chrysalis that wrote it is not possible either, "
+                "so retrain or export it there to a model-only checkpoint")
+    if version != FORMAT_VERSION:
+        return f"{record_path}: format_version {version!r} is not supported (this Chrysalis reads {FORMAT_VERSION})"
+    if not isinstance(record.get("iteration"), int) or record["iteration"] < 0:
+        return f"{record_path}: 'iteration' is missing or not a non-negative integer"
+    if not isinstance(record.get("model"), dict):
+        return f"{record_path}: 'model' (the model config) is missing or not an object"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{record_path}: 'files' is missing or not a non-empty object"
+    for name, meta in files.items():
+        where = f"{record_path}: files[{name!r}]"
+        pure = PurePosixPath(name)
+        if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+            return f"{where}: not a relative path inside the checkpoint"
+        if not isinstance(meta, dict):
+            return f"{where} is a JSON {type(meta).__name__}, not an object"
+        if not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool) or meta["size"] < 0:
+            return f"{where} has no integer \"size\""
+        if not isinstance(meta.get("sha256"), str) or not _SHA256.match(meta["sha256"]):
+            return f"{where} has no valid \"sha256\""
+    return None
+
+
+def _load_record(path: Path) -> tuple[dict | None, str | None]:
+    record_path = path / RECORD
+    if not record_path.is_file():
+        return None, f"{RECORD} is missing (the save was interrupted)"
+    try:
+        record = json.loads(record_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return None, f"{record_path} is not valid UTF-8 (byte {err.start})"
+    except json.JSONDecodeError as err:
+        return None, f"{record_path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except OSError as err:
+        return None, f"{record_path} cannot be read ({err.strerror})"
+    problem = _record_problem(record, record_path)
+    return (None, problem) if problem else (record, None)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The validated completion record of checkpoint `path`; CheckpointError (one line) if it is unusable."""
+    record, problem = _load_record(Path(path))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}" if RECORD not in problem else problem)
+    return record
+
+
 def check_checkpoint(path: Path, verify: bool, info: ParallelInfo | None = None) -> str | None:
     """None if `path` is a complete, intact checkpoint, else the reason it is not. With `info`, the sha256
     checks are shared among the ranks (collective)."""
-    reason = None
-    record_path = path / RECORD
-    record: dict = {}
-    if not record_path.is_file():
-        reason = f"{RECORD} is missing (the save was interrupted)"
-    else:
-        try:
-            record = json.loads(record_path.read_text())
-            if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
-                reason = f"{record_path} is not a version-{FORMAT_VERSION} {FORMAT}"
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            reason = f"{record_path} is corrupt ({err})"
-    files = sorted(record.get("files", {}).items()) if reason is None else []
+    record, reason = _load_record(path)
+    files = sorted(record["files"].items()) if record else []
+    if reason is None:
+        present = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != RECORD)
+        pickled = [f for f in present if f.endswith(PICKLED_SUFFIXES)]
+        unlisted = sorted(set(present) - set(record["files"]))
+        if pickled:
+            reason = f"{path / pickled[0]} is a pickle-format file: refused (checkpoints are safetensors + JSON only)"
+        elif unlisted:
+            reason = f"{path / unlisted[0]} is not listed in {RECORD}: refused (added after the save?)"
     if reason is None:
         for name, meta in files:
             f = path / name
@@ -326,77 +550,255 @@ def check_checkpoint(path: Path, verify: bool, info: ParallelInfo | None = None)
                 if i % size == rank and sha256_file(path / name) != meta["sha256"]:
                     bad = f"{name} is corrupt (sha256 mismatch)"
                     break
-        if info is not None:
-            found = [b for b in _all_gather(bad, info) if b]
-            bad = found[0] if found else None
-        reason = reason or bad
+        found = [b for b in _all_gather(bad, info) if b]
+        reason = reason or (found[0] if found else None)
     return reason
+
+
+# ------------------------------------------------------------------------------------------------- finding
+def _read_latest(load_dir: Path, log: Callable[[str], None]) -> Path | None:
+    """The checkpoint `latest` names, or None (with a warning) when it is unreadable or names nothing."""
+    latest = load_dir / LATEST
+    if not latest.is_file():
+        return None
+    raw = latest.read_bytes()
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        log(f"WARNING: {latest} is not valid UTF-8 (byte {err.start}); ignoring it and choosing by save time")
+        return None
+    if not _NAME.match(text):
+        log(f"WARNING: {latest} holds {text[:80]!r}, not a checkpoint name; ignoring it and choosing by save time")
+        return None
+    if not (load_dir / text).is_dir():
+        log(f"WARNING: {latest} names {text}, which does not exist; ignoring it and choosing by save time")
+        return None
+    return load_dir / text
+
+
+def _saved_at(path: Path) -> float:
+    record, _ = _load_record(path)
+    if record and isinstance(record.get("saved_at"), (int, float)):
+        return float(record["saved_at"])
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def find_resumable(load_dir: str | Path, *, verify: bool, info: ParallelInfo,
                    log: Callable[[str], None] = print) -> Path | None:
-    """The newest complete, intact checkpoint under `load_dir` (or `load_dir` itself when it is one), logging
-    every newer checkpoint it skips and why. None when there is nothing to resume from (collective)."""
+    """The checkpoint to resume from under `load_dir` (or `load_dir` itself when it is one), logging every
+    checkpoint it skips and why. None when there is nothing to resume from; CheckpointError when there are
+    checkpoints and none is usable (collective).
+
+    With a valid `latest`: the checkpoints of the run that wrote it, newest iteration first (a newer complete one
+    is used: the save finished and only `latest` was not updated). Without one: every checkpoint, most recently
+    saved first. Checkpoint numbers of different runs are never compared.
+    """
     load_dir = Path(load_dir)
     if (load_dir / RECORD).exists() or _iteration_of(load_dir) is not None:
         candidates = [load_dir]
-    elif load_dir.is_dir():
-        candidates = sorted((p for p in load_dir.iterdir() if p.is_dir() and _iteration_of(p) is not None),
-                            key=_iteration_of, reverse=True)
+        latest = None
     else:
-        candidates = []
-    latest = None
-    if (load_dir / LATEST).is_file():
-        latest = (load_dir / LATEST).read_text().strip()
+        dirs = _checkpoint_dirs(load_dir)
+        latest = _read_latest(load_dir, log)
+        if latest is not None:
+            run = _owner(latest)
+            same_run = [p for p in dirs if p == latest or (run is not None and _owner(p) == run)]
+            candidates = sorted(same_run, key=lambda p: (_iteration_of(p), p == latest), reverse=True)
+        else:
+            candidates = sorted(dirs, key=_saved_at, reverse=True)
     skipped = []
     for path in candidates:
         reason = check_checkpoint(path, verify, info)
         if reason is None:
             for bad, why in skipped:
                 log(f"WARNING: checkpoint {bad} is unusable: {why}; falling back to {path.name}")
-            if latest and latest != path.name and not skipped:
-                log(f"note: {LATEST} names {latest}, resuming from the newer complete {path.name}")
+            if latest is not None and path != latest and not skipped:
+                log(f"note: {LATEST} names {latest.name}; resuming from the newer complete {path.name} of the "
+                    "same run")
             return path
         skipped.append((path, reason))
     for bad, why in skipped:
         log(f"WARNING: checkpoint {bad} is unusable: {why}")
     if skipped:
-        raise RuntimeError(f"no usable checkpoint in {load_dir}: every candidate is incomplete or corrupt")
+        newest, why = skipped[0]
+        raise CheckpointError(f"no usable checkpoint in {load_dir}: all {len(skipped)} candidate(s) are incomplete "
+                              f"or corrupt (newest {newest.name}: {why})")
     return None
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    return json.loads((path / RECORD).read_text())
+def resume_run_id(path: Path) -> str | None:
+    """The run id a run resuming from `path` continues with, or None (start a new id) when `path` has none or a
+    newer complete checkpoint of its run exists: resuming from an older one branches, and the branch must not
+    overwrite or prune the newer ones."""
+    run = _owner(path)
+    if run is None or path.parent is None:
+        return None
+    iteration = _iteration_of(path)
+    for other in _checkpoint_dirs(path.parent):
+        if other != path and _owner(other) == run and (other / RECORD).is_file() and \
+                (_iteration_of(other) or 0) > (iteration or 0):
+            return None
+    return run
+
+
+# ------------------------------------------------------------------------------------------------- comparing
+# Fields that fix the weights' shapes or meaning: a checkpoint loads only into a model with the same values.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                       "num_query_groups", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings",
+                       "vision_dim", "tokens_per_image")
+
+
+def model_config_mismatches(saved: dict[str, Any], current, source: str) -> list[str]:
+    """One line per architecture field that differs between a checkpoint's model config and this run's
+    (`engine.config.ModelConfig`); fields such as seq_length or attention_backend may change."""
+    from engine.config import ModelConfig
+
+    if not isinstance(saved, dict):
+        return [f"{source}: the recorded model config is not an object"]
+    mine = current.to_dict()
+    unknown = sorted(set(saved) - set(mine))
+    lines = [f"{source}: model config field {name!r} is unknown to this Chrysalis" for name in unknown]
+    try:
+        saved_config = ModelConfig.from_dict({k: v for k, v in saved.items() if k in mine}).to_dict()
+    except (TypeError, ValueError) as err:
+        return [*lines, f"{source}: the recorded model config is invalid ({err})"]
+    for name in ARCHITECTURE_FIELDS:
+        if saved_config.get(name) != mine.get(name):
+            flag = "--" + name.replace("_", "-")
+            lines.append(f"{source}: model field {name} is {saved_config.get(name)!r} in the checkpoint but "
+                         f"{mine.get(name)!r} in this run ({flag})")
+    return lines
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """fqn -> global shape of every tensor in the checkpoint, from the safetensors headers (JSON)."""
+    try:
+        metadata = HuggingFaceStorageReader(str(path)).read_metadata()
+    except Exception as err:  # noqa: BLE001 (a corrupt header: safetensors raises several types)
+        raise CheckpointError(f"{path}: cannot read the tensor index from the safetensors headers ({err})") from None
+    return {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def _tensor_problems(expected: dict[str, Any], stored: dict[str, tuple[int, ...]], prefix: str,
+                     partial: bool) -> tuple[list[str], list[str]]:
+    """(problems, names left initialised) for loading `expected` (name -> tensor) from `stored`."""
+    problems, missing = [], []
+    for name, tensor in expected.items():
+        shape = stored.get(prefix + name)
+        if shape is None:
+            missing.append(name)
+        elif tuple(shape) != tuple(tensor.shape):
+            problems.append(f"tensor {name} has shape {list(shape)} in the checkpoint, {list(tensor.shape)} in "
+                            "this model")
+    if missing and not partial:
+        problems += [f"tensor {name} is missing from the checkpoint" for name in missing[:10]]
+        if len(missing) > 10:
+            problems.append(f"... and {len(missing) - 10} more missing tensors")
+    return problems, missing
+
+
+def _saved_state(path: Path) -> dict[str, Any]:
+    state = _read_json(path / STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict) \
+            or not isinstance(state.get("optimizer_items"), dict):
+        raise CheckpointError(f"{path / STATE}: expected an object with 'trainer' and 'optimizer_items'")
+    return state
+
+
+def _load_tensors(path: Path, state: dict[str, dict[str, Any]], info: ParallelInfo | None,
+                  partial: bool = False) -> None:
+    """dcp.load of {"model": ..., "optimizer": ...} in place, through the pickle-free reader."""
+    no_dist = info is None or info.mesh is None
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)),
+                 process_group=None if no_dist else info.world_group,
+                 planner=DefaultLoadPlanner(allow_partial_load=partial), no_dist=no_dist)
 
 
 # ------------------------------------------------------------------------------------------------- loading
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    info: ParallelInfo) -> dict[str, Any] | None:
+                    info: ParallelInfo, partial: bool = False,
+                    log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Loads the model (and, with `optimizer`, the optimizer, trainer state and this rank's RNG) in place.
-    Returns the trainer state, or None for a model-only load."""
+    Returns the trainer state, or None for a model-only load.
+
+    Args:
+        partial: model-only loads: tensors the checkpoint lacks keep their initial values and are listed (the
+            default refuses them); checkpoint tensors the model lacks are ignored and listed.
+    """
+    path = Path(path)
+    stored = _stored_shapes(path)
+    saved_state = _saved_state(path)
+    partial = partial and optimizer is None
+    model_sd, optim_sd = (model_state(model), None) if optimizer is None else model_and_optimizer_state(model, optimizer)
+    problems, missing = _tensor_problems(model_sd, stored, "model.", partial)
+    optim_tensors: dict[str, Any] = {}
+    optim_other: dict[str, Any] = {}
+    saved_items = saved_state["optimizer_items"]
+    if optim_sd is not None:
+        optim_tensors, optim_other = _split_tensors(optim_sd)
+        more, _ = _tensor_problems(optim_tensors, stored, "optimizer.", False)
+        problems += [p.replace("tensor ", "optimizer tensor ", 1) for p in more]
+        problems += [f"optimizer item {k} is missing from {STATE}" for k in optim_other if k not in saved_items][:10]
+    names = set(model_sd)
+    for part in _all_gather(sorted(names), info):
+        names.update(part)
+    unused = sorted(k[len("model."):] for k in stored if k.startswith("model.") and k[len("model."):] not in names)
+    if unused and not partial:
+        problems += [f"checkpoint tensor {name} has no place in this model" for name in unused[:10]]
+        if len(unused) > 10:
+            problems.append(f"... and {len(unused) - 10} more unexpected tensors")
+    _raise_together(f"{path} does not fit this model: " + "; ".join(problems) if problems else None, info)
+
     if optimizer is None:
-        state = {"model": model_state(model)}
-        dcp.load(state, checkpoint_id=str(path), process_group=info.world_group)
-        set_model_and_optimizer_state(model, None, state["model"], None)
+        state = {"model": {k: v for k, v in model_sd.items() if k not in missing}}
+        _load_tensors(path, state, info, partial=partial)
+        set_model_and_optimizer_state(model, None, state["model"], None, strict=not partial)
+        if partial and info.is_main:
+            for name in missing:
+                log(f"--load-partial: {name} is not in {path}: left initialised")
+            for name in unused:
+                log(f"--load-partial: {name} of {path} is not used by this model")
         return None
-    model_sd, optim_sd = model_and_optimizer_state(model, optimizer)
-    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "trainer": ""}
-    rng_key = f"rng_rank{info.rank}"
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    has_rng = rng_key in metadata.state_dict_metadata
-    if has_rng:
-        state[rng_key] = rng_state()
-    dcp.load(state, checkpoint_id=str(path), process_group=info.world_group)
-    set_model_and_optimizer_state(model, optimizer, state["model"], state["optimizer"])
-    if has_rng:
-        set_rng_state(state[rng_key])
-    return json.loads(state["trainer"])
+
+    state = {"model": model_sd, "optimizer": optim_tensors}
+    _load_tensors(path, state, info)
+    items = {k: _restore_like(saved_items[k], v) for k, v in optim_other.items()}
+    set_model_and_optimizer_state(model, optimizer, state["model"], {**state["optimizer"], **items})
+    rng_file = path / RNG_DIR / f"rank_{info.rank:05d}.json"
+    if rng_file.is_file():
+        rng = _read_json(rng_file)
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{rng_file}: not a valid RNG state ({err})") from None
+    return saved_state["trainer"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Single process, no process group: the model weights of a training checkpoint into `model` (for export,
-    generation and evaluation)."""
-    state = {"model": get_model_state_dict(model, options=StateDictOptions())}
-    _to_checkpoint_names(model, state["model"], None)  # a tied LM head is stored as the embedding
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    model.load_state_dict(_from_checkpoint_names(model, state["model"], None)[0])
+    generation and evaluation). Every tensor must be present with its shape."""
+    path = Path(path)
+    stored = _stored_shapes(path)
+    state = {"model": model_state(model)}
+    problems, _ = _tensor_problems(state["model"], stored, "model.", False)
+    unused = sorted(k for k in stored if k.startswith("model.") and k[len("model."):] not in state["model"])
+    problems += [f"checkpoint tensor {k[len('model.'):]} has no place in this model" for k in unused[:10]]
+    if problems:
+        raise CheckpointError(f"{path} does not fit its recorded model config: " + "; ".join(problems))
+    _load_tensors(path, state, None)
+    set_model_and_optimizer_state(model, None, state["model"], None)

@@ -97,8 +97,13 @@ class CheckpointConfig:
         load: a training checkpoint directory (resume), or a model-only Chrysalis checkpoint (weights only).
         finetune: load only the model weights from `load` and start at iteration 0 (also automatic when the
             checkpoint's `--stage` differs from this run's).
-        keep_last: keep this many newest complete checkpoints (0 keeps all).
+        keep_last: keep this many newest complete checkpoints of this run (0 keeps all); other runs' checkpoints
+            in the same directory are never pruned.
         verify: check every checkpoint file's sha256 before resuming.
+        load_if_exists: a `load` path that does not exist (or holds no checkpoint) starts from scratch instead of
+            being an error (the first launch of a job that is requeued with the same flags).
+        load_partial: weights-only loads (`--finetune`, another stage, a model-only checkpoint) may leave tensors
+            the checkpoint lacks initialised and ignore tensors the model lacks; both are listed.
     """
 
     load: str | None = None
@@ -108,6 +113,8 @@ class CheckpointConfig:
     keep_last: int = 0
     finetune: bool = False
     verify: bool = True
+    load_if_exists: bool = False
+    load_partial: bool = False
 
 
 @dataclass(kw_only=True)
@@ -140,6 +147,8 @@ class TrainingConfig:
         use_distributed_optimizer: shard optimizer state and gradients over the data-parallel ranks where DDP
             would be used (Megatron's distributed optimizer: reduce-scatter gradients, all-gather parameters).
         max_skipped_steps: abort when more than this many consecutive steps had a non-finite loss or gradient.
+        exit_signal_handler: on `exit_signal`, finish the step, save a checkpoint and exit 0 (on by default;
+            Megatron's `--exit-signal-handler` is accepted, `--no-exit-signal-handler` turns it off).
     """
 
     model: ModelConfig
@@ -165,6 +174,8 @@ class TrainingConfig:
     use_distributed_optimizer: bool = False
     data_parallel_sharding: DataParallelSharding = "none"
     max_skipped_steps: int = 10
+    exit_signal_handler: bool = True
+    exit_signal: str = "SIGTERM"
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: int | None = None
@@ -279,6 +290,9 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--keep-last": ("checkpoint", "keep_last", int, "keep the N newest checkpoints (0 = all)"),
     "--finetune": ("checkpoint", "finetune", bool, "load model weights only, start at iteration 0"),
     "--no-verify-checkpoint": ("checkpoint", "verify", "store_false", "skip sha256 checks when resuming"),
+    "--load-if-exists": ("checkpoint", "load_if_exists", bool, "start from scratch when --load does not exist"),
+    "--load-partial": ("checkpoint", "load_partial", bool,
+                       "weights-only loads may leave missing tensors initialised (listed)"),
     "--log-interval": ("logging", "log_interval", int, "progress line every N iterations"),
     "--log-jsonl": ("logging", "log_jsonl", str, "one JSON object per optimizer step"),
     "--tensorboard-dir": ("logging", "tensorboard_dir", str, ""),
@@ -306,6 +320,10 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
                                     "shard optimizer state over data-parallel ranks (Megatron's)"),
     "--data-parallel-sharding": ("", "data_parallel_sharding", str, "none (DDP) | fsdp (FSDP2)"),
     "--max-skipped-steps": ("", "max_skipped_steps", int, "abort after this many consecutive non-finite steps"),
+    "--exit-signal-handler": ("", "exit_signal_handler", bool,
+                              "on --exit-signal save a checkpoint and exit 0 (the default)"),
+    "--no-exit-signal-handler": ("", "exit_signal_handler", "store_false", "die on --exit-signal instead"),
+    "--exit-signal": ("", "exit_signal", str, "signal that triggers save-and-exit (default SIGTERM)"),
     "--tensor-model-parallel-size": ("", "tensor_model_parallel_size", int, "TP size (DTensor plans)"),
     "--pipeline-model-parallel-size": ("", "pipeline_model_parallel_size", int, "PP stages"),
     "--num-layers-per-virtual-pipeline-stage": ("", "num_layers_per_virtual_pipeline_stage", int,
@@ -314,7 +332,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--pipeline-layer-split": ("", "pipeline_layer_split", list, "layers per pipeline stage, e.g. 3 5"),
 }
 _CHOICES = {"--lr-decay-style": ["cosine", "linear", "constant"], "--data-parallel-sharding": ["none", "fsdp"],
-            "--stage": [1, 2]}
+            "--stage": [1, 2], "--exit-signal": ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"]}
 
 _CHOICES.update({"--recompute-granularity": ["full", "selective"], "--fp8-format": ["e4m3", "hybrid"],
                  "--fp8-recipe": ["tensorwise", "rowwise", "delayed"], "--fp8-backend": ["torchao", "te"]})

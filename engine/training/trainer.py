@@ -264,28 +264,45 @@ class Trainer:
         return unwrap(self.model)
 
     def _resume(self) -> None:
+        """--load: resume a training checkpoint (same stage), or load weights only (--finetune, another stage, a
+        model-only checkpoint). The recorded model config must match this run's (each differing field is named)."""
         c = self.config
+        self.run_id = ckpt.new_run_id()
         if not c.checkpoint.load:
             return
         load = Path(c.checkpoint.load)
+        if not load.exists():
+            if c.checkpoint.load_if_exists:
+                self._log(f"--load {load} does not exist: starting from scratch (--load-if-exists)")
+                return
+            raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
+                                       "from scratch when it is missing)")
         if (load / "config.json").is_file() and not (load / ckpt.RECORD).is_file():
             self._load_model_only_checkpoint(load)
             return
         path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
         if path is None:
-            self._log(f"no checkpoint in {load}: starting from scratch")
-            return
+            if c.checkpoint.load_if_exists:
+                self._log(f"no checkpoint in {load}: starting from scratch (--load-if-exists)")
+                return
+            raise ckpt.CheckpointError(f"--load {load} holds no checkpoint (pass --load-if-exists to start from "
+                                       "scratch when there is none yet)")
         record = ckpt.read_record(path)
-        saved_vocab = record.get("model", {}).get("vocab_size")
-        if saved_vocab is not None and saved_vocab != self.model_config.vocab_size:
-            raise ValueError(f"{path}: vocabulary {saved_vocab} differs from this run's {self.model_config.vocab_size}")
-        saved_stage = record.get("config", {}).get("stage")
-        if c.checkpoint.finetune or saved_stage != c.stage:
-            ckpt.load_checkpoint(path, model=self.model, optimizer=None, info=self.info)
+        saved_stage = record.get("config", {}).get("stage") if isinstance(record.get("config"), dict) else None
+        weights_only = bool(c.checkpoint.finetune or saved_stage != c.stage)
+        mismatches = ckpt.model_config_mismatches(record["model"], self.model_config, str(path))
+        if mismatches and not (weights_only and c.checkpoint.load_partial):
+            hint = "" if weights_only else " (a resumed run keeps its model; --load-partial only applies to " \
+                                           "weights-only loads)"
+            raise ckpt.CheckpointError("\n".join(mismatches) + hint)
+        if weights_only:
+            ckpt.load_checkpoint(path, model=self.model, optimizer=None, info=self.info,
+                                 partial=c.checkpoint.load_partial, log=self._log)
             why = "--finetune" if c.checkpoint.finetune else f"it is a stage-{saved_stage} checkpoint"
             self._log(f"loaded model weights from {path} ({why}): optimizer, schedule and data start fresh")
             return
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, info=self.info)
+        self.run_id = ckpt.resume_run_id(path) or self.run_id
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
         self.skipped_total = state.get("skipped_total", 0)
@@ -300,18 +317,34 @@ class Trainer:
         self._log(f"resumed from {path} at iteration {self.iteration} ({self.consumed_samples} samples consumed)")
 
     def _load_model_only_checkpoint(self, path: Path) -> None:
+        """A model-only checkpoint (engine.checkpoint_io): strict unless --load-partial, which lists what it left
+        initialised and what it did not use."""
         from engine.checkpoint_io import load_model_checkpoint
 
-        loaded, _ = load_model_checkpoint(path, dtype=torch.float32)
-        if loaded.config.vocab_size != self.model_config.vocab_size:
-            raise ValueError(f"{path}: vocabulary {loaded.config.vocab_size} differs from this run's "
-                             f"{self.model_config.vocab_size}")
+        loaded, saved = load_model_checkpoint(path, dtype=torch.float32)
+        partial = self.config.checkpoint.load_partial
+        mismatches = ckpt.model_config_mismatches(saved["model"], self.model_config, str(path))
+        if mismatches and not partial:
+            raise ckpt.CheckpointError("\n".join(mismatches) + " (--load-partial loads the tensors that fit)")
+        state = loaded.state_dict()
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in VPiTModel(self.model_config).state_dict().items()}
+        wrong = [f"tensor {k} has shape {list(v.shape)} in {path}, {list(own[k])} in this model"
+                 for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k])]
+        if wrong:
+            raise ckpt.CheckpointError("; ".join(wrong))
+        left, unused = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        state = {k: v for k, v in state.items() if k in own}
+        for name in left:
+            self._log(f"--load-partial: {name} is not in {path}: left initialised")
+        for name in unused:
+            self._log(f"--load-partial: {name} of {path} is not used by this model")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         if self.parallel_model is not None:
-            self.parallel_model.load_full_state_dict(loaded.state_dict())
+            self.parallel_model.load_full_state_dict(state)
         else:
-            set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(strict=False))
+            set_model_state_dict(self.model, state, options=StateDictOptions(strict=not partial))
         self._log(f"loaded model weights from the model checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- steps
@@ -462,7 +495,7 @@ class Trainer:
         record = {"config": c.to_dict(), "model": self.model_config.to_dict(), "stage": c.stage,
                   "vocab": self.vocab, "data": self.data_refs, "consumed_samples": self.consumed_samples}
         return ckpt.save_checkpoint(c.checkpoint.save, self.iteration, model=self.model, optimizer=self.optimizer,
-                                    trainer_state=self.state(), record=record, info=self.info,
+                                    trainer_state=self.state(), record=record, info=self.info, run_id=self.run_id,
                                     tokenizer_dir=self.tokenizer_dir, keep_last=c.checkpoint.keep_last,
                                     log=self._log)
 
@@ -470,7 +503,8 @@ class Trainer:
         """Runs until `--train-iters`, `--exit-interval` or SIGTERM. Returns why it stopped: "done", "exit-interval"
         or "signal". Raises TooManySkippedSteps."""
         c = self.config
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        exit_signal = getattr(signal, c.exit_signal)
+        previous = signal.signal(exit_signal, self._on_sigterm) if c.exit_signal_handler else None
         loader = self._loader(self.train_samples, self.consumed_samples)
         batches = iter(loader)
         tokens_per_step = self.global_batch_size * self.model_config.seq_length
@@ -526,6 +560,7 @@ class Trainer:
             if reason == "done" and c.checkpoint.save and last_saved != self.iteration:
                 self.save()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if c.exit_signal_handler:
+                signal.signal(exit_signal, previous)
             self.metrics.close()
         return reason
