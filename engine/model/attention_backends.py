@@ -45,8 +45,9 @@ TRITON_KERNEL_MODULE = "chrysalis_kernels.attention"
 TRITON_FUNCTIONS = {"triton": "packed_attention", "triton-fp8": "packed_attention_fp8"}
 
 
-class AttentionBackendUnavailable(RuntimeError):
-    """An explicitly requested attention backend cannot run in this process (the message says why and what to do)."""
+class AttentionBackendUnavailable(ValueError):
+    """An explicitly requested attention backend cannot run in this process (the message says why and what to do);
+    a ValueError, so the CLI reports it as a configuration error."""
 
 
 def _has(module: str) -> bool:

@@ -105,8 +105,8 @@ def _torchao_config(config: Fp8Config):
 
     ao = Float8LinearConfig.from_recipe_name(config.recipe)
     if config.recipe == "tensorwise" and config.format == "e4m3":
-        ao = dataclasses.replace(ao, cast_config_grad_output=dataclasses.replace(
-            ao.cast_config_grad_output, target_dtype=torch.float8_e4m3fn))
+        e4m3 = dataclasses.replace(ao.cast_config_grad_output, target_dtype=torch.float8_e4m3fn)
+        ao = dataclasses.replace(ao, cast_config_grad_output=e4m3, cast_config_grad_output_for_grad_weight=e4m3)
     return dataclasses.replace(ao, enable_fsdp_float8_all_gather=config.fsdp_all_gather and config.recipe == "tensorwise",
                                emulate=config.emulate)
 
