@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from chrysalis_kernels.runtime import INTERPRET, check_tensors, dot_precision, mma, next_power_of_2
+from chrysalis_kernels.runtime import INTERPRET, check_tensors, dot_config, next_power_of_2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -119,7 +119,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docum
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m, q_doc_start,
                start, end, S, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+               EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -135,7 +135,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs
         else:
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        qk = mma(q, kt, None, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        # [BLOCK_M, BLOCK_N] scores in the log2 domain
+        qk = tl.dot(q.to(DOT), kt.to(DOT), None, input_precision=PRECISION) * qk_scale
         if MASK:
             visible = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] >= q_doc_start[:, None])
             qk = tl.where(visible, qk, float("-inf"))
@@ -144,7 +145,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, PRECISION)
+        acc = tl.dot(p.to(v.dtype).to(DOT), v.to(DOT), acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -172,7 +173,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, COUNTS,
                      stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                      S, HQ, GROUP, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, COUNT_BLOCKS: tl.constexpr):
+                     EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, COUNT_BLOCKS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
@@ -197,13 +198,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, COUNTS,
     v_base = V + b * stride_vb + hk * stride_vh
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                                q_doc_start, lo, full_lo, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D,
-                               PRECISION)
+                               DOT, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                                q_doc_start, full_lo, full_hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_D,
-                               PRECISION)
+                               DOT, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                                q_doc_start, full_hi, hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D,
-                               PRECISION)
+                               DOT, PRECISION)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
@@ -219,7 +220,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, COUNTS,
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ds_row, stride_qs, stride_qd,
                     stride_dos, stride_dod, offs_n, start, end, S, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                    EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                    EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -240,16 +241,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ds_row,
                 do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        qkt = mma(k, qt, None, PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        qkt = tl.dot(k.to(DOT), qt.to(DOT), None, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(qkt - lse[None, :] * 1.4426950408889634)
         if MASK:
             q_doc_start = tl.load(ds_row + offs_m, mask=offs_m < S, other=S)
             visible = (offs_m[None, :] >= offs_n[:, None]) & (offs_n[:, None] >= q_doc_start[None, :])
             pt = tl.where(visible, pt, 0.0)
-        dv = mma(pt.to(do.dtype), do, dv, PRECISION)
-        dpt = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(pt.to(do.dtype).to(DOT), do.to(DOT), dv, input_precision=PRECISION)
+        dpt = tl.dot(v.to(DOT), tl.trans(do).to(DOT), None, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         dst = pt * (dpt - delta[None, :])
-        dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION)
+        dk = tl.dot(dst.to(qt.dtype).to(DOT), tl.trans(qt).to(DOT), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -260,7 +261,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
                           stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs,
                           stride_dvd, S, HQ, HKV, GROUP, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -295,13 +296,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
         row = (b * HQ + h) * S
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, ds_row, stride_qs,
                                  stride_qd, stride_dos, stride_dod, offs_n, q_lo, full_lo, S, qk_scale, HEAD_DIM,
-                                 BLOCK_D, BLOCK_M, True, EVEN_D, PRECISION)
+                                 BLOCK_D, BLOCK_M, True, EVEN_D, DOT, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, ds_row, stride_qs,
                                  stride_qd, stride_dos, stride_dod, offs_n, full_lo, full_hi, S, qk_scale, HEAD_DIM,
-                                 BLOCK_D, BLOCK_M, False, EVEN_D, PRECISION)
+                                 BLOCK_D, BLOCK_M, False, EVEN_D, DOT, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, ds_row, stride_qs,
                                  stride_qd, stride_dos, stride_dod, offs_n, full_hi, q_hi, S, qk_scale, HEAD_DIM,
-                                 BLOCK_D, BLOCK_M, True, EVEN_D, PRECISION)
+                                 BLOCK_D, BLOCK_M, True, EVEN_D, DOT, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=io_mask)
@@ -313,7 +314,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                   q_doc_start, start, end, S, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                  EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                  EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -330,14 +331,14 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, s
         else:
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        qk = mma(q, kt, None, PRECISION) * qk_scale
+        qk = tl.dot(q.to(DOT), kt.to(DOT), None, input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
             visible = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] >= q_doc_start[:, None])
             p = tl.where(visible, p, 0.0)
-        dp = mma(do, vt, None, PRECISION)  # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do.to(DOT), vt.to(DOT), None, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION)
+        dq = tl.dot(ds.to(kt.dtype).to(DOT), tl.trans(kt).to(DOT), dq, input_precision=PRECISION)
     return dq
 
 
@@ -347,7 +348,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
                         stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod,
                         stride_dqb, stride_dqh, stride_dqs, stride_dqd, S, HQ, GROUP, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                        EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
@@ -372,12 +373,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
-                       q_doc_start, lo, full_lo, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, PRECISION)
+                       q_doc_start, lo, full_lo, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, DOT, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                        q_doc_start, full_lo, full_hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_D,
-                       PRECISION)
+                       DOT, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
-                       q_doc_start, full_hi, hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, PRECISION)
+                       q_doc_start, full_hi, hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, DOT, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -401,13 +402,13 @@ if INTERPRET:
 else:  # pragma: no cover - needs a GPU
     _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
                                      (64, 64, 4, 3), (64, 32, 4, 4)]),
-                           key=["HEAD_DIM", "S", "PRECISION"])(_attn_fwd_kernel)
+                           key=["HEAD_DIM", "S"])(_attn_fwd_kernel)
     _bwd_dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
                                           (16, 64, 4, 4)]),
-                                key=["HEAD_DIM", "S", "GROUP", "PRECISION"])(_attn_bwd_dkdv_kernel)
+                                key=["HEAD_DIM", "S", "GROUP"])(_attn_bwd_dkdv_kernel)
     _bwd_dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                                         (64, 16, 4, 4)]),
-                              key=["HEAD_DIM", "S", "PRECISION"])(_attn_bwd_dq_kernel)
+                              key=["HEAD_DIM", "S"])(_attn_bwd_dq_kernel)
 
 
 def _launch(kernel, grid_blocks, *args, **kwargs):
@@ -457,7 +458,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     _launch(_fwd, lambda bm, bn: (triton.cdiv(s, bm), b * hq),
             q, k, v, out, lse, bounds.start, counts, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             s, hq, hq // k.shape[1], sm_scale * LOG2E,
-            HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d, PRECISION=dot_precision(q.dtype),
+            HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d, **dot_config(q.dtype),
             COUNT_BLOCKS=count_blocks)
     if count_blocks:
         return out, lse, counts.view(b, hq, -1)
@@ -475,7 +476,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = {"HEAD_DIM": d, "BLOCK_D": block_d, "EVEN_D": block_d == d, "PRECISION": dot_precision(q.dtype)}
+    common = {"HEAD_DIM": d, "BLOCK_D": block_d, "EVEN_D": block_d == d, **dot_config(q.dtype)}
     _launch(_bwd_dkdv, lambda bm, bn: (triton.cdiv(s, bn), b * hkv),
             q, k, v, do, lse, delta, dk, dv, bounds.start, bounds.end, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), s, hq, hkv, hq // hkv, sm_scale * LOG2E, sm_scale, **common)
@@ -539,3 +540,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: t
     """Document-causal attention (see `attention_with_lse`); returns the output only."""
     return attention_with_lse(q, k, v, document_ids, cu_seqlens=cu_seqlens, bounds=bounds,
                               softmax_scale=softmax_scale)[0]
+
+
+# ------------------------------------------------------------------------------------------------ engine interface
+# The engine's varlen backends (`--attention-backend triton|triton-fp8`, engine/model/attention_backends.py) call
+# `packed_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None)` once per layer with the same
+# cu_seqlens tensor: its document bounds (and their validation, which syncs with the host) are computed once and
+# reused while the same, unmodified tensor comes back.
+_bounds_cache: list = []  # [(cu_seqlens, its _version, tokens, DocumentBounds)], at most one entry
+
+
+def _bounds_for(cu_seqlens: torch.Tensor, tokens: int) -> DocumentBounds:
+    if _bounds_cache:
+        cu, version, total, bounds = _bounds_cache[0]
+        if cu is cu_seqlens and version == cu_seqlens._version and total == tokens:
+            return bounds
+    bounds = document_bounds(cu_seqlens=cu_seqlens, seq_len=tokens)
+    _bounds_cache[:] = [(cu_seqlens, cu_seqlens._version, tokens, bounds)]
+    return bounds
+
+
+def _packed(fn, q, k, v, cu_seqlens, causal, softmax_scale):
+    if not causal:
+        raise NotImplementedError("chrysalis_kernels attention is causal within documents only (causal=True)")
+    if q.dim() != 3:
+        raise ValueError(f"packed attention takes THD tensors [tokens, heads, D], got q of shape {tuple(q.shape)}")
+    bounds = _bounds_for(cu_seqlens, q.shape[0])
+    return fn(q, k, v, bounds=bounds, softmax_scale=softmax_scale)
+
+
+@torch.compiler.disable  # launches Triton kernels from Python with host-side checks: run eagerly under compile
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, *, causal: bool = True,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """flash-attn-style varlen entry point: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [N + 1] -> [T, Hq, D].
+
+    `max_seqlen` is accepted for interface compatibility; the kernels size their grid from T and skip the blocks
+    outside each document.
+    """
+    return _packed(attention, q, k, v, cu_seqlens, causal, softmax_scale)
+
+
+@torch.compiler.disable
+def packed_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int | None = None, *, causal: bool = True,
+                         softmax_scale: float | None = None) -> torch.Tensor:
+    """`packed_attention` with the FP8 e4m3 forward of `chrysalis_kernels.attention_fp8` (16-bit backward)."""
+    from chrysalis_kernels.attention_fp8 import attention_fp8  # imports this module: resolved at call time
+
+    return _packed(attention_fp8, q, k, v, cu_seqlens, causal, softmax_scale)

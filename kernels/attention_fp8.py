@@ -39,7 +39,7 @@ from chrysalis_kernels.attention import (
     attention_reference,
     document_bounds,
 )
-from chrysalis_kernels.runtime import INTERPRET, mma, next_power_of_2
+from chrysalis_kernels.runtime import INTERPRET, next_power_of_2
 
 E4M3_MAX = 448.0
 DEFAULT_BLOCK = 128
@@ -116,7 +116,7 @@ def _fp8_fwd_inner(acc, l_i, m_i, q8, row_scale, k_base, v_base, ks_base, vs_bas
             k_scale = tl.load(ks_base + cols // QUANT_BLOCK)
         v_scale = tl.load(vs_base + start_n // QUANT_BLOCK)
         # FP8 MMA, fp32 accumulation; the per-block scales become a row and a column factor (log2 domain).
-        qk = mma(q8, kt, None, "tf32") * row_scale[:, None] * k_scale[None, :]
+        qk = tl.dot(q8, kt) * row_scale[:, None] * k_scale[None, :]
         if MASK:
             visible = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] >= q_doc_start[:, None])
             qk = tl.where(visible, qk, float("-inf"))
@@ -129,7 +129,7 @@ def _fp8_fwd_inner(acc, l_i, m_i, q8, row_scale, k_base, v_base, ks_base, vs_bas
         if ROUND_FIRST:
             p = _round_to_e4m3(p)
         p8 = p.to(v.dtype)
-        acc = acc * alpha[:, None] + mma(p8, v, None, "tf32") * (v_scale * 0.00390625)
+        acc = acc * alpha[:, None] + tl.dot(p8, v) * (v_scale * 0.00390625)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -237,8 +237,9 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
                   softmax_scale: float | None = None, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """Document-causal attention with an FP8 e4m3 forward and a 16-bit backward.
 
-    Same arguments and layouts as `chrysalis_kernels.attention.attention` (q/k/v in bf16 or fp16, quantized
-    here); `block` is the scaling block in tokens (a power of two >= 16).
+    Same arguments and layouts as `chrysalis_kernels.attention.attention`: q/k/v in bf16 or fp16 (fp32 is accepted,
+    for CPU test runs of fp32 models) are quantized here, the output and the backward are in their dtype; `block`
+    is the scaling block in tokens (a power of two >= 16).
     """
     thd = q.dim() == 3
     if thd:
@@ -249,8 +250,6 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
     if bounds is None:
         bounds = document_bounds(document_ids, cu_seqlens=cu_seqlens, batch=b, seq_len=s, device=q.device)
     _check_inputs(q, k, v, bounds)
-    if q.dtype == torch.float32:
-        raise ValueError("attention_fp8 takes bf16 or fp16 inputs (its backward runs in the inputs' dtype)")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, _ = _DocumentAttentionFP8.apply(q, k, v, bounds.start, bounds.end, scale, block)
     return out.squeeze(0).permute(1, 0, 2) if thd else out

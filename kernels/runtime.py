@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 # Read once, like triton.jit does when the kernel modules are imported.
@@ -40,26 +39,20 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """The PRECISION constexpr of `mma` for operands of `dtype`.
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float8_e4m3fn: tl.float8e4nv}
+
+
+def dot_config(dtype: torch.dtype) -> dict:
+    """The `DOT` (operand dtype) and `PRECISION` constexprs for `tl.dot(a.to(DOT), b.to(DOT), acc,
+    input_precision=PRECISION)` on operands of `dtype` (the cast is a no-op when DOT is the operands' dtype).
 
     fp32 operands are multiplied exactly ("ieee"), not in TF32, so an fp32 run is a reference-quality run;
-    16-bit and FP8 operands use the tensor cores as they are. Under the interpreter, bf16 operands are "upcast":
-    Triton 3.9's interpreter stores bf16 as raw uint16 and its `tl.dot` multiplies those bit patterns (garbage),
-    so the interpreter multiplies the (exactly representable) bf16 values in fp32 instead, which is what a GPU's
+    16-bit and FP8 operands use the tensor cores as they are. Under the interpreter, bf16 operands are upcast to
+    fp32: Triton 3.9's interpreter stores bf16 as raw uint16 and its `tl.dot` multiplies those bit patterns
+    (garbage), so it multiplies the (exactly representable) bf16 values in fp32 instead, which is what a GPU's
     bf16 MMA computes: exact products, fp32 accumulation.
     """
-    if dtype == torch.float32:
-        return "ieee"
-    if INTERPRET and dtype == torch.bfloat16:
-        return "upcast"
-    return "tf32"
-
-
-@triton.jit
-def mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b (acc may be None), fp32 accumulation; see `dot_precision` for PRECISION."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+    if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16):
+        return {"DOT": tl.float32, "PRECISION": "ieee"}
+    return {"DOT": _TL_DTYPES[dtype], "PRECISION": "tf32"}
