@@ -395,6 +395,17 @@ class _Collate:
         return collate_packed(samples, self.seq_length)
 
 
+def ignore_preemption_signals(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`. SLURM signals every process of the job (and Ctrl-C every process of the
+    terminal's group); a worker that dies on the signal crashes the step the trainer is finishing before it saves.
+    Workers ignore the signals the trainer may handle (`--exit-signal`) and end with the loader, or when the trainer
+    dies (PyTorch's worker watchdog)."""
+    import signal
+
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_loader(samples: BlendedSamples, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, consumed_samples: int, seq_length: int, num_workers: int,
                  pin_memory: bool) -> torch.utils.data.DataLoader:
@@ -409,7 +420,8 @@ def build_loader(samples: BlendedSamples, *, global_batch_size: int, micro_batch
     return torch.utils.data.DataLoader(
         samples, batch_size=micro_batch_size, sampler=sampler, collate_fn=_Collate(seq_length),
         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        worker_init_fn=ignore_preemption_signals if num_workers else None)
 
 
 # ------------------------------------------------------------------------------------------------- shards
