@@ -47,8 +47,39 @@ def test_flop_formula():
     n = matmul_params(c)
     # 32 blocks of (2 * 4096^2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + LM head + projector/head.
     assert n == 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256 + 2 * (1152 * 4096 + 4096**2)
-    assert flops_per_token(c) == 6 * n + 12 * 32 * 4096 * 4096
+    assert flops_per_token(c) == 6 * n + 12 * 32 * 4096 * (4096 + 1) / 2  # causal: half the square
 
+
+
+def test_step_flops_count_the_work_done():
+    """Attention pairs are counted per document (causal: n(n+1)/2), the LM head on labelled rows only, the
+    projector and head on their rows; an unpacked row of every-token targets gives the published convention."""
+    import torch
+
+    from engine.training.metrics import StepCounts, attended_pairs, step_flops, visual_matmul_params
+
+    c = preset("llama3.1-8b", seq_length=8)
+    assert attended_pairs(None, 2, 8) == 2 * 36
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0] * 8])
+    assert attended_pairs(docs, 2, 8) == (6 + 3 + 6) + 36
+    unpacked = StepCounts(tokens=16, text_rows=16, attention_pairs=2 * 36)
+    no_visual = step_flops(c, unpacked)
+    assert math.isclose(step_flops(c, StepCounts(tokens=16, text_rows=16, attention_pairs=72,
+                                                 visual_slots=16, visual_targets=16)), 16 * flops_per_token(c))
+    assert no_visual < 16 * flops_per_token(c)
+    packed = StepCounts.from_batches([type("B", (), dict(tokens=torch.zeros(2, 8), lm_targets=5, visual_targets=1,
+                                                         visual_tokens=torch.zeros(3, 1152), document_ids=docs))])
+    assert (packed.tokens, packed.text_rows, packed.visual_slots, packed.visual_targets,
+            packed.attention_pairs) == (16, 5, 3, 1, 51)
+
+
+def test_mfu_is_logged_with_a_peak(tmp_path):
+    log = tmp_path / "log.jsonl"
+    assert pretrain_gpt_vision.main([*TINY, "--train-iters", "2", "--log-jsonl", str(log), "--peak-tflops",
+                                     "0.5"]) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for r in rows:
+        assert 0 < r["mfu"] < 1 and math.isclose(r["mfu"], r["tflops_per_device"] / 0.5, rel_tol=1e-9)
 
 def test_plot_draws_several_runs(tmp_path):
     pytest.importorskip("matplotlib")

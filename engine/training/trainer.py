@@ -472,6 +472,21 @@ class Trainer:
                             num_workers=self.config.data.num_workers if num_workers is None else num_workers,
                             pin_memory=self.device.type == "cuda")
 
+    def _mfu(self, micro_batches: Sequence[Batch], step_s: float) -> dict[str, float | None]:
+        """MFU of this step from the work it did (`engine.training.metrics.step_flops`: causal attention within
+        documents, LM head on labelled rows); this rank's micro-batches stand for every data-parallel rank's."""
+        if not self.peak_flops:
+            return {"mfu": None}
+        from engine.training.metrics import StepCounts, device_peak_flops, step_flops
+
+        flops = step_flops(self.model_config, StepCounts.from_batches(micro_batches).scaled(self.info.dp_size))
+        per_device = flops / (step_s * self.info.world_size)
+        out = {"mfu": per_device / self.peak_flops, "tflops_per_device": per_device / 1e12}
+        if self.fp8 is not None:
+            fp8_peak = device_peak_flops(self.device, None, fp8=True)
+            out["mfu_fp8_peak"] = per_device / fp8_peak if fp8_peak else None
+        return out
+
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
         print(f"[rank {self.info.dp_rank}] received signal {signum}: saving a checkpoint after this step, then exiting",
@@ -527,8 +542,7 @@ class Trainer:
                 self.consumed_samples += self.global_batch_size
                 tps = tokens_per_step / step_s
                 record = {"iteration": self.iteration, **result, "tokens_per_sec": tps,
-                          "mfu": tps * self.flops_per_token / (self.peak_flops * self.info.world_size)
-                          if self.peak_flops else None,
+                          **self._mfu(micro, step_s),
                           "memory_gib": memory_gib(self.device), "data_wait_s": data_s, "step_s": step_s,
                           "skipped_total": self.skipped_total, "consumed_samples": self.consumed_samples}
                 if c.logging.eval_interval and self.iteration % c.logging.eval_interval == 0:
