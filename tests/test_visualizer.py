@@ -1,17 +1,21 @@
 """The diffusers visualizer on a tiny random config: training on a preprocess build lowers the loss, resume is exact,
 rendering gives the requested size, a saved visualizer renders identically, a local Stable-Diffusion-layout
-directory loads, and images are paired with their stored embeddings by sha256."""
+directory loads, images are paired with their stored embeddings by sha256, the conditioner is MetaMorph's (same
+math and parameter names as its adapter), its published layout loads with weights_only, and rendering never writes
+outside --output."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from distributed_launch import REPO
 
-from engine.visualizer import Visualizer, tiny_visualizer_components
+from engine.visualizer import ConditionerConfig, SigLIPConditioner, Visualizer, tiny_visualizer_components
 from engine.visualizer.data import ImageEmbeddingPairs, find_image_rows
 from engine.visualizer.train import VisualizerTrainingConfig, train_visualizer
 
@@ -92,8 +96,6 @@ def test_a_few_training_steps_lower_the_loss_and_resume_is_exact(build, tmp_path
 
 def test_render_size_save_load_and_guidance(tmp_path):
     visualizer = Visualizer.tiny(seed=3).eval()
-    with torch.no_grad():  # a non-zero null condition, so guidance has something to act on
-        visualizer.null_condition.normal_(0, 1, generator=torch.Generator().manual_seed(0))
     tokens = F.normalize(torch.randn(2, 64, 1152, generator=torch.Generator().manual_seed(1)), dim=-1)
     images = visualizer.render(tokens, num_inference_steps=3, size=40, seed=7)
     assert [image.size for image in images] == [(40, 40), (40, 40)]
@@ -131,3 +133,175 @@ def test_render_cli(tmp_path):
                         "--output", str(tmp_path / "png"), "--steps", "2", "--size", "16"]) == 0
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
         "batch_0.png", "batch_1.png", "sample_00000.image_0.png"]
+
+
+class ReferenceAdapter(torch.nn.Module):
+    """MetaMorph's `SimplifiedSigLIPProjector` in its "mlp" mode, re-written from facebookresearch/metamorph
+    `inference/adapter.py` as an independent reference: Linear -> LayerNorm -> ReLU, then Linear -> LayerNorm."""
+
+    def __init__(self, input_dim=1152, hidden_dim=2048, output_dim=768, num_layers=2):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(input_dim, hidden_dim)])
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(hidden_dim)])
+        for _ in range(num_layers - 2):
+            self.layers.append(torch.nn.Linear(hidden_dim, hidden_dim))
+            self.norms.append(torch.nn.LayerNorm(hidden_dim))
+        self.layers.append(torch.nn.Linear(hidden_dim, output_dim))
+        self.norms.append(torch.nn.LayerNorm(output_dim))
+
+    def forward(self, x):
+        for layer, norm in zip(self.layers[:-1], self.norms[:-1]):
+            x = F.relu(norm(layer(x)))
+        return self.norms[-1](self.layers[-1](x))
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_conditioner_is_the_reference_adapter(num_layers):
+    config = ConditionerConfig(hidden_dim=96, output_dim=48, num_layers=num_layers)
+    ours = SigLIPConditioner(config)
+    reference = ReferenceAdapter(1152, 96, 48, num_layers)
+    with torch.no_grad():  # LayerNorms away from their identity init, so a missing or misplaced norm shows
+        for param in ours.parameters():
+            param.normal_(0, 0.5)
+    reference.load_state_dict(ours.state_dict())  # same parameter names and shapes (strict)
+    tokens = F.normalize(torch.randn(2, 64, 1152), dim=-1)
+    torch.testing.assert_close(ours(tokens), reference(tokens), rtol=0, atol=0)
+    default = ConditionerConfig()
+    assert (default.input_dim, default.hidden_dim, default.output_dim, default.num_layers, default.num_tokens) == (
+        1152, 2048, 768, 2, 77)
+    with pytest.raises(ValueError, match="xattn"):
+        ConditionerConfig(mode="xattn")
+
+
+def test_context_is_padded_to_77_with_zeros_and_dropped_to_all_zeros():
+    from engine.visualizer.train import VisualizerTrainingConfig
+
+    visualizer = Visualizer.tiny(seed=0)
+    tokens = F.normalize(torch.randn(3, 64, 1152), dim=-1)
+    context = visualizer.condition(tokens, drop=torch.tensor([False, True, False]))
+    assert context.shape == (3, 77, 64)
+    assert torch.equal(context[:, 64:], torch.zeros(3, 13, 64))  # padding rows
+    assert torch.equal(context[1], torch.zeros(77, 64))  # the unconditional input: zeros, nothing learned
+    torch.testing.assert_close(context[[0, 2], :64], visualizer.conditioner(tokens[[0, 2]]))
+    assert context[0, :64].abs().sum() > 0
+    assert VisualizerTrainingConfig(data_path="d", image_root="i", save="s").cfg_prob == 0.8  # the reference's
+    assert not any(name.startswith("null") for name, _ in visualizer.named_parameters())
+
+
+def write_metamorph_layout(root, *, unet_shift: float = 0.25, payload: Path | None = None):
+    """Tiny files in MetaMorph's published layout (as its visualization/train.py writes them, with torch.save),
+    next to a local SD-layout directory; returns (visualizer dir, sd dir, adapter state, unet state)."""
+    unet, vae, scheduler = tiny_visualizer_components(seed=5)
+    sd = root / "sd"
+    for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
+        part.save_pretrained(sd / name)
+    config = {"input_dim": 1152, "hidden_dim": 96, "output_dim": 64, "num_tokens": 77, "num_layers": 2,
+              "num_heads": 8, "mode": "mlp"}
+    adapter = ReferenceAdapter(1152, 96, 64, 2)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0, 0.3)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    adapter(torch.randn(1, 64, 1152)).sum().backward()
+    optimizer.step()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda step: 1.0)
+    viz = root / "metamorph"
+    viz.mkdir()
+    (viz / "model_config.json").write_text(json.dumps(config, indent=2))
+    checkpoint = {"model_state_dict": adapter.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                  "scheduler_state_dict": schedule.state_dict(), "global_step": 1000, "model_config": config}
+    if payload is not None:
+        checkpoint["extra"] = Payload(str(payload))
+    torch.save(checkpoint, viz / "adapter_checkpoint.pt")
+    unet_state = {k: v + unet_shift for k, v in unet.state_dict().items()}  # a "fine-tuned" UNet
+    torch.save({"model_state_dict": unet_state, "global_step": 1000}, viz / "unet_checkpoint.pt")
+    return viz, sd, adapter.state_dict(), unet_state
+
+
+class Payload:
+    """Unpickling this would create a file: the `.pt` reader must refuse it before that can happen."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_loads_metamorphs_published_layout_with_weights_only(tmp_path):
+    from engine.visualizer import render
+
+    viz, sd, adapter_state, unet_state = write_metamorph_layout(tmp_path)
+    visualizer = Visualizer.load(viz, device="cpu", stable_diffusion=sd)
+    for key, value in adapter_state.items():
+        assert torch.equal(visualizer.conditioner.state_dict()[key], value), key
+    for key, value in unet_state.items():  # the checkpoint's UNet, not the SD directory's
+        assert torch.equal(visualizer.unet.state_dict()[key], value), key
+    assert visualizer.conditioner.config.hidden_dim == 96 and visualizer.condition(torch.zeros(1, 64, 1152)).shape \
+        == (1, 77, 64)
+
+    from safetensors.torch import save_file
+
+    save_file({"sample_00000.image_0": F.normalize(torch.randn(64, 1152), dim=-1)}, str(tmp_path / "t.safetensors"))
+    assert render.main(["--visualizer", str(viz), "--stable-diffusion", str(sd), "--tokens",
+                        str(tmp_path / "t.safetensors"), "--output", str(tmp_path / "png"), "--steps", "2",
+                        "--size", "16"]) == 0
+    assert [p.name for p in (tmp_path / "png").iterdir()] == ["sample_00000.image_0.png"]
+    with pytest.raises(ValueError, match="--stable-diffusion"):
+        Visualizer.load(viz, device="cpu")
+    (viz / "unet_checkpoint.pt").unlink()  # adapter-only training: the SD UNet as it is
+    plain = Visualizer.load(viz, device="cpu", stable_diffusion=sd)
+    assert torch.equal(plain.unet.conv_in.weight, UNetFrom(sd).conv_in.weight)
+
+
+def UNetFrom(sd):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(sd, subfolder="unet", local_files_only=True)
+
+
+def test_a_pickle_payload_in_the_published_layout_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    viz, sd, _, _ = write_metamorph_layout(tmp_path, payload=marker)
+    with pytest.raises(ValueError, match="weights_only"):
+        Visualizer.load(viz, device="cpu", stable_diffusion=sd)
+    assert not marker.exists()
+    config = json.loads((viz / "model_config.json").read_text())
+    (viz / "model_config.json").write_text(json.dumps({**config, "mode": "xattn"}))
+    with pytest.raises(ValueError, match="model_config.json.*xattn"):
+        Visualizer.load(viz, device="cpu", stable_diffusion=sd)
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def test_render_never_writes_outside_output(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.visualizer import render
+
+    Visualizer.tiny(seed=0).save(tmp_path / "viz")
+    work = tmp_path / "a" / "b"
+    out = work / "png"
+    out.mkdir(parents=True)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep")
+    (out / "planted.png").symlink_to(outside)  # a link planted where a key's PNG goes is replaced, not followed
+    keys = ["../../x", "../../../outside", str(tmp_path / "abs"), "/etc/passwd_like", "a/b", "a_b", ".hidden",
+            "..", "", "planted", "ok.name-1"]
+    tokens = F.normalize(torch.randn(len(keys), 64, 1152), dim=-1)
+    save_file({k: t for k, t in zip(keys, tokens)}, str(tmp_path / "t.safetensors"))
+    before = files_under(tmp_path) - files_under(out)
+    code = render.main(["--visualizer", str(tmp_path / "viz"), "--tokens", str(tmp_path / "t.safetensors"),
+                        "--output", str(out), "--steps", "1", "--size", "8"])
+    assert code == 0
+    assert files_under(tmp_path) - files_under(out) == before  # nothing new outside --output
+    assert outside.read_bytes() == b"keep"
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == len(keys) and all(not n.startswith(".") for n in written)
+    assert all((out / n).is_file() and not (out / n).is_symlink() for n in written)
+    assert "a_b.png" in written and "a_b-2.png" in written and "ok.name-1.png" in written
+    for key in keys:
+        stem = render.safe_file_stem(key)
+        assert os.sep not in stem and not stem.startswith(".") and stem

@@ -1,24 +1,32 @@
 """The visualizer: a latent diffusion model (diffusers) conditioned on VPiT's 64 x 1152 SigLIP tokens.
 
-As in MetaMorph, a Stable-Diffusion-style `UNet2DConditionModel` + `AutoencoderKL` is conditioned through its
-cross-attention on the visual tokens, mapped to the UNet's cross-attention width by a small projector
-(LayerNorm -> Linear -> GELU -> Linear). Classifier-free guidance needs an unconditional input: a learned
-`null_condition` (64 x width) that training substitutes for the projected tokens with probability `cfg_prob`.
+As in MetaMorph (facebookresearch/metamorph, `visualization/train.py` and `inference/adapter.py`), a
+Stable-Diffusion-style `UNet2DConditionModel` + `AutoencoderKL` is conditioned through its cross-attention on the
+visual tokens, mapped to the UNet's cross-attention width by the reference's adapter (`SigLIPConditioner`:
+Linear(1152 -> 2048) -> LayerNorm -> ReLU -> Linear(2048 -> width) -> LayerNorm) and padded with zero rows from 64
+to CLIP's 77 context positions. The unconditional input of classifier-free guidance is all zeros (training drops a
+sample's condition to zeros with probability `cfg_prob`, 0.8 in the reference's launch script).
 
 Starting weights: a local Stable Diffusion 1.5 directory (`unet/`, `vae/`, `scheduler/`, loaded with
-`from_pretrained`, never downloaded), or `tiny_visualizer_components()` (random, for tests and the demo).
+`from_pretrained`, never downloaded), MetaMorph's published visualizer on top of one
+(`engine/visualizer/metamorph_layout.py`), or `tiny_visualizer_components()` (random, for tests and the demo;
+`vae=` takes an autoencoder trained by `engine.visualizer.autoencoder`).
 
 Saved layout (`Visualizer.save`):
 
-    VIZ/visualizer.json        {"format": "chrysalis-visualizer", "format_version": 1, "resolution", ...}
-    VIZ/unet/, VIZ/vae/        diffusers `save_pretrained` (safetensors)
-    VIZ/scheduler/             the noise scheduler's config (DDPM for training; rendering uses DDIM with it)
-    VIZ/condition.safetensors  the projector and the null condition
+    VIZ/visualizer.json          {"format": "chrysalis-visualizer", "format_version": 2, "resolution",
+                                  "conditioner": {input_dim, hidden_dim, output_dim, num_layers, num_tokens, ...}}
+    VIZ/unet/, VIZ/vae/          diffusers `save_pretrained` (safetensors)
+    VIZ/scheduler/               the noise scheduler's config (DDPM for training; rendering uses DDIM with it)
+    VIZ/conditioner.safetensors  the adapter, with the reference's parameter names (layers.i, norms.i)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,33 +36,91 @@ from torch import nn
 from engine.config import TOKENS_PER_IMAGE, VISION_DIM
 
 FORMAT = "chrysalis-visualizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-class TokenConditionProjector(nn.Module):
-    """SigLIP tokens [B, 64, 1152] -> cross-attention context [B, 64, width] (MetaMorph's MLP with LayerNorm)."""
+@dataclass(kw_only=True)
+class ConditionerConfig:
+    """The reference's `model_config.json` (the fields of its `SimplifiedSigLIPProjector`).
 
-    def __init__(self, vision_dim: int, width: int):
+    Args:
+        hidden_dim: width of the hidden layers (2048 in MetaMorph's launch script; its code default is 4096).
+        output_dim: the UNet's cross-attention width (768 for Stable Diffusion 1.5).
+        num_layers: linear layers (2: in -> hidden -> out).
+        num_tokens: context positions given to the UNet; the 64 projected tokens are followed by zero rows up to
+            this count (77, CLIP's text length, which Stable Diffusion's cross-attention was trained on).
+        num_heads: used only by the reference's cross-attention modes; kept so its config round-trips.
+        mode: only "mlp" (the published visualizer's); the reference's "xattn"/"transformer" modes are refused.
+    """
+
+    input_dim: int = VISION_DIM
+    hidden_dim: int = 2048
+    output_dim: int = 768
+    num_layers: int = 2
+    num_tokens: int = 77
+    num_heads: int = 8
+    mode: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.mode != "mlp":
+            raise ValueError(f"conditioner mode {self.mode!r} is not supported: only the reference's 'mlp' mode "
+                             "(its published visualizer's) is implemented")
+        for name in ("input_dim", "hidden_dim", "output_dim", "num_layers", "num_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"conditioner {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "conditioner config") -> ConditionerConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(values).__name__}")  # noqa: TRY004
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+class SigLIPConditioner(nn.Module):
+    """SigLIP tokens [B, 64, input_dim] -> cross-attention context [B, 64, output_dim].
+
+    MetaMorph's adapter in its "mlp" mode: Linear -> LayerNorm -> ReLU for every layer but the last, then
+    Linear -> LayerNorm. Parameter names (`layers.i`, `norms.i`) are the reference's, so the `model_state_dict` of
+    its `adapter_checkpoint.pt` loads unchanged.
+    """
+
+    def __init__(self, config: ConditionerConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(vision_dim)
-        self.fc1 = nn.Linear(vision_dim, width)
-        self.fc2 = nn.Linear(width, width)
+        self.config = config
+        dims = [config.input_dim] + [config.hidden_dim] * max(config.num_layers - 1, 1) + [config.output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        self.norms = nn.ModuleList(nn.LayerNorm(b) for b in dims[1:])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(tokens))))
+        x = tokens
+        for layer, norm in zip(self.layers[:-1], self.norms[:-1]):
+            x = F.relu(norm(layer(x)))
+        return self.norms[-1](self.layers[-1](x))
 
 
-def tiny_visualizer_components(seed: int = 0, resolution: int = 32):
+def tiny_visualizer_components(seed: int = 0, resolution: int = 32, vae=None):
     """(unet, vae, scheduler) of a tiny random config: 2-level UNet (32, 64 channels), 2-level VAE (4x smaller
-    latents than SD's 8x: a 32 px image has 16 x 16 latents), 1000-step DDPM schedule. Built from config only."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    latents than SD's 8x: a 32 px image has 16 x 16 latents), 1000-step DDPM schedule. Built from config only;
+    `vae` replaces the random autoencoder (e.g. one trained by `engine.visualizer.autoencoder`)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from engine.visualizer.autoencoder import tiny_autoencoder
+
+    if vae is None:
+        vae = tiny_autoencoder(resolution, seed)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            latent_channels=4, norm_num_groups=8, sample_size=resolution)
-        unet = UNet2DConditionModel(sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        unet = UNet2DConditionModel(sample_size=resolution // factor, in_channels=vae.config.latent_channels,
+                                    out_channels=vae.config.latent_channels, layers_per_block=1,
                                     block_out_channels=(32, 64),
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -66,49 +132,57 @@ def tiny_visualizer_components(seed: int = 0, resolution: int = 32):
 
 
 class Visualizer(nn.Module):
-    """UNet + VAE + token projector; `training_loss` for training, `render` for images.
+    """UNet + VAE + conditioner; `training_loss` for training, `render` for images.
 
-    Build with `Visualizer.tiny()`, `Visualizer.from_stable_diffusion(path)` or `Visualizer.load(path)`.
-    The VAE stays frozen (as in Stable Diffusion fine-tuning); the UNet, projector and null condition train.
+    Build with `Visualizer.tiny()`, `Visualizer.from_stable_diffusion(path)`, `Visualizer.load(path)` (ours, or
+    MetaMorph's published layout with `stable_diffusion=`). The VAE stays frozen (as in the reference); the UNet
+    and the conditioner train.
     """
 
-    def __init__(self, unet, vae, scheduler, *, resolution: int, vision_dim: int = VISION_DIM,
+    def __init__(self, unet, vae, scheduler, *, resolution: int, conditioner: ConditionerConfig | None = None,
                  tokens_per_image: int = TOKENS_PER_IMAGE, seed: int = 0):
         super().__init__()
+        width = unet.config.cross_attention_dim
+        conditioner = conditioner or ConditionerConfig(output_dim=width)
+        if conditioner.output_dim != width:
+            raise ValueError(f"conditioner output_dim {conditioner.output_dim} != the UNet's cross_attention_dim "
+                             f"{width}")
+        if conditioner.num_tokens < tokens_per_image:
+            raise ValueError(f"conditioner num_tokens {conditioner.num_tokens} < {tokens_per_image} tokens per image")
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
         self.scheduler = scheduler
         self.resolution = resolution
-        width = unet.config.cross_attention_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.projector = TokenConditionProjector(vision_dim, width)
-        self.null_condition = nn.Parameter(torch.zeros(tokens_per_image, width))
-        self.vision_dim = vision_dim
+            self.conditioner = SigLIPConditioner(conditioner)
         self.tokens_per_image = tokens_per_image
+
+    @property
+    def vision_dim(self) -> int:
+        return self.conditioner.config.input_dim
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 32) -> Visualizer:
-        unet, vae, scheduler = tiny_visualizer_components(seed, resolution)
-        return cls(unet, vae, scheduler, resolution=resolution, seed=seed)
+    def tiny(cls, seed: int = 0, resolution: int = 32, vae=None, conditioner: ConditionerConfig | None = None
+             ) -> Visualizer:
+        unet, vae, scheduler = tiny_visualizer_components(seed, resolution, vae=vae)
+        conditioner = conditioner or ConditionerConfig(output_dim=unet.config.cross_attention_dim)
+        return cls(unet, vae, scheduler, resolution=resolution, conditioner=conditioner, seed=seed)
 
     @classmethod
-    def from_stable_diffusion(cls, path: str | Path, resolution: int = 512, seed: int = 0) -> Visualizer:
+    def from_stable_diffusion(cls, path: str | Path, resolution: int = 512, seed: int = 0,
+                              conditioner: ConditionerConfig | None = None) -> Visualizer:
         """Starts from a local Stable Diffusion 1.5 directory (diffusers layout); its text encoder is not used."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        path = Path(path)
-        for sub in ("unet", "vae", "scheduler"):
-            if not (path / sub).is_dir():
-                raise FileNotFoundError(f"{path} is not a local Stable Diffusion directory: {path / sub} is missing "
-                                        "(nothing is downloaded)")
+        path = check_stable_diffusion_dir(path)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
                                                     low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True,
                                             low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        return cls(unet, vae, scheduler, resolution=resolution, seed=seed)
+        return cls(unet, vae, scheduler, resolution=resolution, conditioner=conditioner, seed=seed)
 
     def save(self, directory: str | Path) -> Path:
         """Writes the saved layout (module docstring); `visualizer.json` last, so it marks a complete save."""
@@ -119,56 +193,76 @@ class Visualizer(nn.Module):
         self.unet.save_pretrained(directory / "unet", safe_serialization=True)
         self.vae.save_pretrained(directory / "vae", safe_serialization=True)
         self.scheduler.save_pretrained(directory / "scheduler")
-        state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
-        state["null_condition"] = self.null_condition.detach()
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(directory / "condition.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.conditioner.state_dict().items()},
+                  str(directory / "conditioner.safetensors"))
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "resolution": self.resolution,
-                "vision_dim": self.vision_dim, "tokens_per_image": self.tokens_per_image}
-        (directory / "visualizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+                "tokens_per_image": self.tokens_per_image,
+                "conditioner": dataclasses.asdict(self.conditioner.config)}
+        tmp = directory / "visualizer.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(directory / "visualizer.json")
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> Visualizer:
+    def load(cls, directory: str | Path, device: str | torch.device | None = None,
+             stable_diffusion: str | Path | None = None, log=None) -> Visualizer:
+        """A visualizer saved by `save`, or MetaMorph's published layout (`adapter_checkpoint.pt`,
+        `model_config.json`, `unet_checkpoint.pt`) on top of the local Stable Diffusion 1.5 `stable_diffusion`."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
 
         directory = Path(directory)
         meta_path = directory / "visualizer.json"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved visualizer: {meta_path} is missing")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: not a version-{FORMAT_VERSION} {FORMAT}")
+            from engine.visualizer.metamorph_layout import ADAPTER_FILE, load_metamorph_visualizer
+
+            if (directory / ADAPTER_FILE).is_file():
+                return load_metamorph_visualizer(directory, stable_diffusion, log=log).to(device).eval()
+            if not directory.is_dir():
+                raise FileNotFoundError(f"visualizer {directory}: no such directory")
+            raise FileNotFoundError(f"{directory} is not a visualizer: it has neither {meta_path.name} (saved by "
+                                    f"engine.visualizer) nor {ADAPTER_FILE} (MetaMorph's published layout)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: not a {FORMAT} description")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION} "
+                             "(version 1 had a different conditioner; train the visualizer again)")
+        conditioner = ConditionerConfig.from_dict(meta.get("conditioner"), f"{meta_path} 'conditioner'")
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", local_files_only=True,
                                                     low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(directory / "vae", local_files_only=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler", local_files_only=True)
-        model = cls(unet, vae, scheduler, resolution=meta["resolution"], vision_dim=meta["vision_dim"],
+        model = cls(unet, vae, scheduler, resolution=meta["resolution"], conditioner=conditioner,
                     tokens_per_image=meta["tokens_per_image"])
-        state = load_file(str(directory / "condition.safetensors"))
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()
-                                         if k.startswith("projector.")})
-        with torch.no_grad():
-            model.null_condition.copy_(state["null_condition"])
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.conditioner.load_state_dict(load_file(str(directory / "conditioner.safetensors")))
         return model.to(device).eval()
 
     # ------------------------------------------------------------------------------------------- training
     def condition(self, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 64, vision_dim] tokens -> [B, 64, width] context; rows where `drop` is True get the null condition."""
-        context = self.projector(tokens.to(self.null_condition.dtype))
+        """[B, 64, vision_dim] tokens -> [B, num_tokens, width] context: the conditioner's output followed by zero
+        rows (the reference pads 64 -> 77); rows where `drop` is True are all zeros (the unconditional input)."""
+        weight = self.conditioner.layers[0].weight
+        context = self.conditioner(tokens.to(weight.device, weight.dtype))
+        pad = self.conditioner.config.num_tokens - context.shape[1]
+        if pad > 0:
+            context = torch.cat([context, context.new_zeros(context.shape[0], pad, context.shape[2])], dim=1)
         if drop is not None:
-            context = torch.where(drop[:, None, None], self.null_condition.expand_as(context), context)
+            context = torch.where(drop[:, None, None], torch.zeros_like(context), context)
         return context
 
     def training_loss(self, pixels: torch.Tensor, tokens: torch.Tensor, *, cfg_prob: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """ε-prediction MSE of one batch.
+        """ε-prediction MSE of one batch (the reference's loss).
 
         Args:
             pixels: [B, 3, R, R] in [-1, 1].
             tokens: [B, 64, vision_dim] visual tokens of those images.
-            cfg_prob: probability of replacing a sample's condition by the null condition.
+            cfg_prob: probability of replacing a sample's condition by the unconditional (zero) input.
             generator: CPU generator for the latent sample, noise, timesteps and dropout (reproducible steps).
         """
         b = pixels.shape[0]
@@ -188,8 +282,9 @@ class Visualizer(nn.Module):
     @torch.no_grad()
     def render(self, tokens: torch.Tensor, *, guidance_scale: float = 3.0, num_inference_steps: int = 50,
                size: int | None = None, seed: int = 0, output_type: str = "pil"):
-        """Images from visual tokens, with classifier-free guidance, through diffusers' StableDiffusionPipeline
-        (given the contexts as `prompt_embeds`; no text encoder) with a DDIM scheduler.
+        """Images from visual tokens, with classifier-free guidance against the zero context (as the reference),
+        through diffusers' StableDiffusionPipeline (given the contexts as `prompt_embeds`; no text encoder) with a
+        DDIM scheduler.
 
         Args:
             tokens: [N, 64, vision_dim] (or [64, vision_dim]) visual tokens.
@@ -201,13 +296,15 @@ class Visualizer(nn.Module):
 
         if tokens.dim() == 2:
             tokens = tokens[None]
+        if tokens.dim() != 3 or tokens.shape[1:] != (self.tokens_per_image, self.vision_dim):
+            raise ValueError(f"visual tokens must be [N, {self.tokens_per_image}, {self.vision_dim}], "
+                             f"got {list(tokens.shape)}")
         size = size or self.resolution
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if size % factor:
             raise ValueError(f"--render-size {size} must be a multiple of the VAE's downsampling factor {factor}")
-        device = self.null_condition.device
+        device = self.unet.device
         context = self.condition(tokens.to(device))
-        uncond = self.null_condition.expand_as(context)
         pipeline = StableDiffusionPipeline(
             vae=self.vae, text_encoder=None, tokenizer=None, unet=self.unet,
             scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None, feature_extractor=None,
@@ -217,7 +314,21 @@ class Visualizer(nn.Module):
         # Initial latents drawn on CPU, so a seed renders the same on any device.
         latent_shape = (context.shape[0], self.unet.config.in_channels, size // factor, size // factor)
         latents = torch.randn(latent_shape, generator=generator).to(device, self.unet.dtype)
-        out = pipeline(prompt_embeds=context.to(self.unet.dtype), negative_prompt_embeds=uncond.to(self.unet.dtype),
+        context = context.to(self.unet.dtype)
+        out = pipeline(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context),
                        height=size, width=size, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, latents=latents, generator=generator, output_type=output_type)
         return out.images
+
+
+def check_stable_diffusion_dir(path: str | Path) -> Path:
+    """`path` as a Path when it holds a diffusers Stable Diffusion layout (unet/, vae/, scheduler/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Stable Diffusion directory {path}: no such directory (weights are read from a "
+                                "local path; nothing is downloaded)")
+    for sub in ("unet", "vae", "scheduler"):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{path} is not a local Stable Diffusion directory: {path / sub} is missing "
+                                    "(nothing is downloaded)")
+    return path
