@@ -4,10 +4,13 @@
     python -m engine.convert chrysalis-to-hf --load CKPT --output DIR [--max-shard-size 5GB]
 
 Importing appends `<image_start>` and `<image_end>` after the Hugging Face vocabulary (new rows = mean of the
-existing rows), pads the vocabulary as Megatron does, and initialises the VPiT projector and continuous-token head.
-Exporting writes a standard `LlamaForCausalLM` directory (the padded vocabulary included, so our tokenizer's ids
-stay valid) plus `vpit_heads.safetensors` with the projector and head, and records the Chrysalis vocabulary layout
-in `config.json["chrysalis"]`, so that export -> import round-trips bit-exactly.
+existing rows, as MetaMorph's `initialize_vision_tokenizer`), pads the vocabulary as Megatron does (zero rows that
+are masked out of every softmax: `ModelConfig.real_vocab_size`), and initialises the VPiT projector and
+continuous-token head. Exporting writes a standard `LlamaForCausalLM` directory with the real vocabulary rows only
+(`vocab_size` = the tokenizer's ids, image tokens included, so our tokenizer's ids stay valid and Hugging Face
+generation can never pick a padding row) plus `vpit_heads.safetensors` with the projector and head, and records the
+Chrysalis vocabulary layout in `config.json["chrysalis"]`, so that export -> import round-trips bit-exactly at the
+same `--make-vocab-size-divisible-by` (and to the same real rows at any other).
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def hf_config_from_model(config: ModelConfig, vocab: dict[str, int]) -> dict[str
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_query_groups,
         "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size,
+        "vocab_size": config.num_real_tokens,  # the padding is not exported
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.norm_epsilon,
         "rope_theta": config.rotary_base,
@@ -140,7 +143,8 @@ def hf_config_from_model(config: ModelConfig, vocab: dict[str, int]) -> dict[str
         "mlp_bias": False,
         "initializer_range": config.init_method_std,
         "torch_dtype": "float32",
-        "chrysalis": {**vocab, "visual_loss_coef": config.visual_loss_coef, "vision_dim": config.vision_dim},
+        "chrysalis": {**vocab, "real_vocab_size": config.num_real_tokens, "visual_loss_coef": config.visual_loss_coef,
+                      "vision_dim": config.vision_dim},
     }
     if config.rope_scaling is not None:
         hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling.factor,
@@ -206,6 +210,7 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
 
     A directory exported by `chrysalis_to_hf` (it has `config.json["chrysalis"]` and `vpit_heads.safetensors`)
     comes back exactly; a plain LLaMA gets the two image tokens appended and a freshly initialised projector/head.
+    Either way the real vocabulary is padded to a multiple of `make_vocab_size_divisible_by` with zero rows.
     """
     from engine.model import VPiTModel
 
@@ -219,10 +224,16 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
     ours = hf.get("chrysalis")
     if ours:
         vocab = {k: int(ours[k]) for k in ("base_vocab_size", "image_start_id", "image_end_id")}
-        vocab_size = hf_vocab
+        # Exports write the real rows only; older ones wrote the padded matrix (then real_vocab_size says where
+        # the padding starts, or every row counts as real).
+        real_vocab = int(ours.get("real_vocab_size", hf_vocab))
+        if not vocab["image_end_id"] < real_vocab <= hf_vocab:
+            raise CheckpointError(f"{config_path}: chrysalis.real_vocab_size {real_vocab} must be in "
+                                  f"({vocab['image_end_id']}, vocab_size {hf_vocab}]")
     else:
         vocab = {"base_vocab_size": hf_vocab, "image_start_id": hf_vocab, "image_end_id": hf_vocab + 1}
-        vocab_size = pad_vocab_size(hf_vocab + 2, make_vocab_size_divisible_by)
+        real_vocab = hf_vocab + 2
+    vocab_size = pad_vocab_size(real_vocab, make_vocab_size_divisible_by)
     config = model_config_from_hf(hf, hf_vocab)
     if ours:
         config = config.replace(visual_loss_coef=float(ours.get("visual_loss_coef", 1.0)))
@@ -260,7 +271,7 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
         head_expected = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "visual_head."))}
         check_state_dict(head_expected, head_state, str(heads))
         model.load_state_dict(head_state, strict=False)
-    model.resize_token_embeddings(vocab_size)
+    model.resize_token_embeddings(real_vocab, vocab_size)
     if output is not None:
         save_model_checkpoint(model, output, vocab=vocab, tokenizer=tokenizer,
                               extra={"source": {"hf_dir": str(hf_dir.resolve())}})
@@ -274,12 +285,15 @@ def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: in
     out.mkdir(parents=True, exist_ok=True)
     llama: dict[str, torch.Tensor] = {}
     heads: dict[str, torch.Tensor] = {}
+    real = model.config.num_real_tokens
     for name, tensor in model.state_dict().items():
         if name.startswith(("projector.", "visual_head.")):
             heads[name] = tensor
             continue
         if name == "output.weight" and model.config.tie_embeddings:
             continue
+        if name in ("tok_embeddings.weight", "output.weight"):
+            tensor = tensor[:real].contiguous()  # the real rows only: padding is an artefact of the layout
         hf_name = chrysalis_to_hf_name(name)
         if hf_name is None:
             raise CheckpointError(f"no Hugging Face name for tensor {name!r}")
@@ -338,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             if tokenizer is not None and tokenizer.base_vocab_size != vocab["base_vocab_size"]:
                 print(f"warning: tokenizer has {tokenizer.base_vocab_size} base tokens, the model "
                       f"{vocab['base_vocab_size']}", file=sys.stderr)
-            print(f"wrote {args.output}: vocab {model.config.vocab_size} (image tokens {vocab['image_start_id']}, "
+            print(f"wrote {args.output}: vocab {model.config.num_real_tokens} tokens padded to "
+                  f"{model.config.vocab_size} rows (image tokens {vocab['image_start_id']}, "
                   f"{vocab['image_end_id']}), {sum(p.numel() for p in model.parameters()):,} parameters")
         else:
             out = chrysalis_to_hf(args.load, args.output, max_shard_bytes=args.max_shard_size)

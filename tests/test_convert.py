@@ -74,21 +74,50 @@ def test_image_tokens_appended_with_mean_rows_and_padding(tmp_path):
     hf_model, hf_dir = tiny_hf_llama(tmp_path)
     ours, vocab = hf_to_chrysalis(hf_dir, make_vocab_size_divisible_by=64)
     assert ours.config.vocab_size == pad_vocab_size(HF_VOCAB + 2, 64) == 256
+    assert ours.config.real_vocab_size == HF_VOCAB + 2
     emb = hf_model.model.embed_tokens.weight
     mean = emb.mean(dim=0)
-    new_rows = ours.tok_embeddings.weight[HF_VOCAB:]
+    new_rows = ours.tok_embeddings.weight[HF_VOCAB:HF_VOCAB + 2]  # <image_start>, <image_end>
     assert torch.allclose(new_rows, mean.expand_as(new_rows), atol=1e-7)
     assert torch.equal(ours.tok_embeddings.weight[:HF_VOCAB], emb)
     assert torch.allclose(ours.output.weight[vocab["image_start_id"]], hf_model.lm_head.weight.mean(dim=0), atol=1e-7)
+    # Padding rows are zero and their logits -inf: never generated.
+    assert torch.count_nonzero(ours.tok_embeddings.weight[HF_VOCAB + 2:]) == 0
+    assert torch.count_nonzero(ours.output.weight[HF_VOCAB + 2:]) == 0
+    with torch.no_grad():
+        logits = ours.logits(ours(torch.tensor([[1, 2, 3]])))
+    assert torch.isneginf(logits[..., HF_VOCAB + 2:]).all() and torch.isfinite(logits[..., :HF_VOCAB + 2]).all()
+
+
+def _change_vpit_parts(model) -> None:
+    """A train-like change of the projector, head and image-token rows: import re-initialises the projector and
+    head with the same seed, so a round trip that lost `vpit_heads.safetensors` would still match an unchanged
+    model."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("projector.", "visual_head.")):
+                p.add_(torch.randn(p.shape, generator=g))
+        model.tok_embeddings.weight[HF_VOCAB:HF_VOCAB + 2] += 1.0
+        model.output.weight[HF_VOCAB:HF_VOCAB + 2] -= 1.0
 
 
 def test_export_import_round_trip_is_bit_exact(tmp_path):
+    from engine.checkpoint_io import save_model_checkpoint
+    from engine.convert import VPIT_HEADS_FILE
+
     _, hf_dir = tiny_hf_llama(tmp_path, rope_scaling=LLAMA31_SCALING)
-    hf_to_chrysalis(hf_dir, tmp_path / "ckpt1")
-    # Train-like change to the VPiT parts so the round trip must carry them, not re-initialise them.
-    model, _ = load_model_checkpoint(tmp_path / "ckpt1")
+    model, vocab = hf_to_chrysalis(hf_dir)
+    _change_vpit_parts(model)
+    save_model_checkpoint(model, tmp_path / "ckpt1", vocab=vocab)
+    fresh, _ = hf_to_chrysalis(hf_dir)  # what an import without our heads would give
+    assert not torch.equal(fresh.projector.fc1.weight, model.projector.fc1.weight)
     exported = chrysalis_to_hf(tmp_path / "ckpt1", tmp_path / "exported", max_shard_bytes=40_000)
     assert (exported / "model.safetensors.index.json").is_file(), "small shard size must produce a sharded export"
+    # The export holds the real vocabulary rows only (tokenizer ids + image tokens), not the padding.
+    hf_config = json.loads((exported / "config.json").read_text())
+    assert hf_config["vocab_size"] == HF_VOCAB + 2 == hf_config["chrysalis"]["real_vocab_size"]
+    assert model.config.vocab_size == 256  # 252 padded to a multiple of 128
     hf_to_chrysalis(exported, tmp_path / "ckpt2")
     again, _ = load_model_checkpoint(tmp_path / "ckpt2")
     first = model.state_dict()
@@ -98,12 +127,21 @@ def test_export_import_round_trip_is_bit_exact(tmp_path):
         assert first[name].dtype == second[name].dtype, name
         assert torch.equal(first[name], second[name]), name
     assert again.config == model.config
-    # The export is a loadable transformers model whose logits match ours on the padded vocabulary.
+    # Another padding (e.g. for TP4) keeps the same real rows.
+    other, _ = hf_to_chrysalis(exported, make_vocab_size_divisible_by=512)
+    assert other.config.vocab_size == 512 and other.config.real_vocab_size == HF_VOCAB + 2
+    assert torch.equal(other.output.weight[:HF_VOCAB + 2], model.output.weight[:HF_VOCAB + 2])
+    # The heads file is what carries the projector and head: without it the import differs.
+    (exported / VPIT_HEADS_FILE).unlink()
+    without, _ = hf_to_chrysalis(exported)
+    assert not torch.equal(without.projector.fc1.weight, model.projector.fc1.weight)
+    # The export is a loadable transformers model whose logits match ours on the real vocabulary.
     hf_again = transformers.LlamaForCausalLM.from_pretrained(exported).eval()
     tokens = torch.randint(0, HF_VOCAB, (1, 16))
     with torch.no_grad():
-        diff = (hf_again(tokens).logits - model.logits(model(tokens))).abs().max().item()
-    assert diff < 1e-5
+        ours = model.logits(model(tokens))
+        diff = (hf_again(tokens).logits - ours[..., :HF_VOCAB + 2]).abs().max().item()
+    assert diff < 1e-5 and torch.isneginf(ours[..., HF_VOCAB + 2:]).all()
 
 
 def test_mismatched_tensor_shape_is_named(tmp_path):

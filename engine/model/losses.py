@@ -4,6 +4,23 @@
 head produces). In the sharded case it runs Megatron's vocabulary-parallel cross-entropy: every rank keeps only its
 [N, V/tp] slice, and three all-reduces of [N] vectors (max, sum of exponentials, target logit) replace gathering
 the full-vocabulary logits.
+
+Padded vocabulary: the convention every LM-head consumer follows
+-----------------------------------------------------------------
+The embedding and LM head have `ModelConfig.vocab_size` rows, padded (Megatron's `--make-vocab-size-divisible-by`
+x TP) past the `ModelConfig.real_vocab_size` ids a tokenizer can produce. Column `j` of the logits is padding iff
+`j >= real_vocab_size` (global column index; on a vocabulary-parallel rank holding columns
+`[vocab_start, vocab_start + V_local)`, local column `c` is padding iff `vocab_start + c >= real_vocab_size`, and a
+rank may hold only padding). Padding columns are masked to -inf before any softmax:
+
+- they add exp(-inf) = 0 to the partition function and receive exactly zero gradient, so the loss and every
+  gradient are those of an unpadded vocabulary, whatever the padding (hence whatever the TP size);
+- they can never be the argmax or be sampled (`VPiTModel.logits` masks them, so generation gets it for free);
+- labels are always < real_vocab_size (a label in the padding would give an infinite loss, which the trainer
+  reports as a non-finite step).
+
+`real_vocab_size=None` means "no padding". A fused linear + cross-entropy kernel must treat the columns
+`>= real_vocab_size` the same way (skip them, or mask their logits to -inf) to match `text_cross_entropy_sum`.
 """
 
 from __future__ import annotations
@@ -13,21 +30,38 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _padding_start(vocab_start: int, local_vocab: int, real_vocab_size: int | None) -> int:
+    """First local column that is padding (local_vocab when none is)."""
+    if real_vocab_size is None:
+        return local_vocab
+    return max(0, min(local_vocab, real_vocab_size - vocab_start))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy over rows whose logits are split along the vocabulary across `group`."""
 
     @staticmethod
-    def forward(ctx, local_logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+    def forward(ctx, local_logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
+                real_vocab_size: int | None) -> torch.Tensor:
         logits = local_logits.float()
-        # Stable softmax across shards: subtract the global row max.
-        row_max = logits.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max.unsqueeze(-1)
         local_vocab = logits.shape[-1]
+        real = _padding_start(vocab_start, local_vocab, real_vocab_size)  # local columns [real:] are padding
+        # Stable softmax across shards: subtract the global row max (of the real columns).
+        if real > 0:
+            row_max = logits[:, :real].max(dim=-1).values
+        else:  # this rank holds padding only
+            row_max = logits.new_full(logits.shape[:1], float("-inf"))
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)  # a new tensor: masking it never touches the caller's logits
+        if real < local_vocab:
+            shifted[:, real:] = float("-inf")
         owned = (labels >= vocab_start) & (labels < vocab_start + local_vocab)
         local_index = (labels - vocab_start).clamp(0, local_vocab - 1)
-        target_logit = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1) * owned
-        exp = shifted.exp()
+        gathered = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
+        # where, not a product: a gathered -inf (a padding column of a rank that does not own the label) times 0
+        # would be NaN.
+        target_logit = torch.where(owned, gathered, torch.zeros_like(gathered))
+        exp = shifted.exp_()  # padding columns: exactly 0
         sum_exp = exp.sum(dim=-1)
         # Two all-reduces of [N] vectors; the target logit lives on exactly one rank.
         dist.all_reduce(sum_exp, group=group)
@@ -40,39 +74,88 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         exp, sum_exp, local_index, owned = ctx.saved_tensors
-        grad = exp / sum_exp.unsqueeze(-1)  # softmax slice
+        grad = exp / sum_exp.unsqueeze(-1)  # softmax slice (0 on padding columns)
         grad.scatter_add_(-1, local_index.unsqueeze(-1), -owned.unsqueeze(-1).to(grad.dtype))
-        return (grad * grad_output).to(ctx.input_dtype), None, None, None
+        return (grad * grad_output).to(ctx.input_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy_sum(local_logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                     group: dist.ProcessGroup) -> torch.Tensor:
+                                     group: dist.ProcessGroup, real_vocab_size: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of rows [N, V_local] holding vocabulary columns [vocab_start, vocab_start + V_local).
 
-    Returns the same scalar on every rank of `group`; the gradient flows only into the local slice.
+    Columns with a global index >= `real_vocab_size` are padding and excluded (masked to -inf; see the module
+    docstring). Returns the same scalar on every rank of `group`; the gradient flows only into the local slice and
+    is exactly zero on padding columns. `local_logits` is not modified.
     """
-    return _VocabParallelCrossEntropy.apply(local_logits, labels, vocab_start, group)
+    return _VocabParallelCrossEntropy.apply(local_logits, labels, vocab_start, group, real_vocab_size)
 
 
-def text_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _vocab_sharded(logits: torch.Tensor) -> bool:
+    """A DTensor sharded on its last (vocabulary) dimension over a 1-D mesh: the tensor-parallel LM head's output."""
+    from torch.distributed.tensor import Shard
+
+    placement = logits.placements[0]
+    return logits.device_mesh.ndim == 1 and isinstance(placement, Shard) and placement.dim in (-1, logits.ndim - 1)
+
+
+def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int | None, *, inplace: bool = False) -> torch.Tensor:
+    """Logits [..., V] with the padding columns (index >= `real_vocab_size`) set to -inf.
+
+    Works on plain tensors and on DTensors sharded on the vocabulary (each rank masks its own columns, no
+    communication). Out of place unless `inplace` (plain tensors only; fine on the fresh output of a linear layer,
+    whose backward does not need it). Padding columns then get exactly zero gradient.
+    """
+    if real_vocab_size is None or real_vocab_size >= logits.shape[-1]:
+        return logits
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(logits, DTensor):
+        from torch.distributed.tensor import Shard
+
+        local = logits.to_local()
+        if _vocab_sharded(logits):
+            start = logits.device_mesh.get_local_rank() * local.shape[-1]
+        elif any(isinstance(p, Shard) and p.dim in (-1, logits.ndim - 1) for p in logits.placements):
+            raise NotImplementedError(f"vocabulary padding mask for logits placed as {logits.placements}")
+        else:
+            start = 0  # every rank holds every column
+        real = _padding_start(start, local.shape[-1], real_vocab_size)
+        if real < local.shape[-1]:
+            padding = torch.arange(local.shape[-1], device=local.device) >= real
+            local = local.masked_fill(padding, float("-inf"))
+        return DTensor.from_local(local, logits.device_mesh, logits.placements, run_check=False,
+                                  shape=logits.shape, stride=logits.stride())
+    if inplace:
+        logits[..., real_vocab_size:] = float("-inf")
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
+    return logits.masked_fill(padding, float("-inf"))
+
+
+def text_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: int | None = None) -> torch.Tensor:
     """Summed cross-entropy in fp32 over rows of `logits` [N, V] with targets `labels` [N].
 
     `logits` may be a DTensor sharded on its last dimension (vocabulary-parallel LM head): then no rank gathers
-    the full vocabulary.
+    the full vocabulary. Columns >= `real_vocab_size` are vocabulary padding and excluded from the softmax (masked
+    to -inf; the module docstring gives the convention). `logits` is not modified.
     """
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     if isinstance(logits, DTensor):
-        placement = logits.placements[0]
-        if logits.device_mesh.ndim == 1 and isinstance(placement, Shard) and placement.dim in (-1, logits.ndim - 1):
+        if _vocab_sharded(logits):
             local = logits.to_local()
             vocab_start = logits.device_mesh.get_local_rank() * local.shape[-1]
             if local.shape[-1] * logits.device_mesh.size() != logits.shape[-1]:
                 raise ValueError(f"vocabulary {logits.shape[-1]} is not divisible by the tensor-parallel size "
                                  f"{logits.device_mesh.size()}: pad it (--make-vocab-size-divisible-by)")
-            return vocab_parallel_cross_entropy_sum(local, labels, vocab_start, logits.device_mesh.get_group())
+            return vocab_parallel_cross_entropy_sum(local, labels, vocab_start, logits.device_mesh.get_group(),
+                                                    real_vocab_size)
         logits = logits.full_tensor()
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    full = logits.float()
+    if real_vocab_size is not None and real_vocab_size < full.shape[-1]:
+        # `.float()` of bf16 logits is already a private copy: mask it in place; fp32 logits are copied once.
+        full = mask_padded_vocab(full, real_vocab_size, inplace=full is not logits)
+    return F.cross_entropy(full, labels, reduction="sum")
 
 
 def visual_cosine_loss_sum(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model.attention import AttentionMask, build_attention_mask, key_padding_causal_mask
 from engine.model.llama import LayerKVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from engine.model.losses import text_cross_entropy_sum, visual_cosine_loss_sum
+from engine.model.losses import mask_padded_vocab, text_cross_entropy_sum, visual_cosine_loss_sum
 
 IGNORE_INDEX = -100
 
@@ -103,28 +103,37 @@ class VPiTModel(nn.Module):
 
         Each tensor draws from its own generator seeded by (seed, parameter name), so a pipeline stage (a model
         with modules removed) or a tensor-parallel rank gets exactly the weights of the single-device model.
+        The vocabulary matrices draw their `[real_vocab_size, H]` rows only and pad with zeros, so the real rows
+        are the same whatever the padding (Megatron draws the padded matrix: its weights change with the TP size).
         """
         self.tie_weights()
         std = self.config.init_method_std
         out_std = std / (2.0 * self.config.num_layers) ** 0.5
 
-        def normal_(name: str, t: torch.Tensor, s: float) -> None:
+        def normal_(name: str, t: torch.Tensor, s: float, rows: int | None = None) -> None:
             generator = None
             if seed is not None:
                 generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             # Draw on CPU in fp32 so a seed gives the same weights on any device and dtype.
-            t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, s, generator=generator).to(t))
+            if rows is None or rows == t.shape[0]:
+                t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, s, generator=generator).to(t))
+                return
+            drawn = torch.empty(rows, *t.shape[1:], dtype=torch.float32).normal_(0.0, s, generator=generator)
+            t[:rows].copy_(drawn.to(t))
+            t[rows:].zero_()  # vocabulary padding: zero, and it stays zero (no gradient ever reaches it)
 
+        real = self.config.num_real_tokens
         for name, module in self.named_modules():
             if isinstance(module, RMSNorm | RotaryEmbedding):
                 module.reset_parameters()
             elif isinstance(module, nn.Embedding):
-                normal_(f"{name}.weight", module.weight, std)
+                normal_(f"{name}.weight", module.weight, std, rows=real)
             elif isinstance(module, nn.Linear):
                 if self.config.tie_embeddings and module is self.output:
                     continue
                 residual_out = name.endswith("attention.wo") or name.endswith("feed_forward.w2")
-                normal_(f"{name}.weight", module.weight, out_std if residual_out else std)
+                normal_(f"{name}.weight", module.weight, out_std if residual_out else std,
+                        rows=real if module is self.output else None)
                 if module.bias is not None:
                     module.bias.zero_()
 
@@ -224,8 +233,10 @@ class VPiTModel(nn.Module):
         return self.compute_losses(h, labels, visual_tokens, visual_positions, visual_target_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits [.., V] of final-normed hidden states."""
-        return self.output(hidden)
+        """LM-head logits [.., vocab_size] of final-normed hidden states, with the vocabulary padding columns
+        (ids >= `config.real_vocab_size`) at -inf: argmax and sampling can never pick them. Under tensor
+        parallelism the result is a DTensor sharded on the vocabulary and each rank masks its own columns."""
+        return mask_padded_vocab(self.output(hidden), self.config.real_vocab_size, inplace=True)
 
     def predict_visual(self, hidden: torch.Tensor) -> torch.Tensor:
         """Continuous-token head: predicted next SigLIP token [.., vision_dim] (not normalised)."""
@@ -257,7 +268,9 @@ class VPiTModel(nn.Module):
         flat_hidden = hidden.reshape(-1, hidden_size)  # [B*S, H]
         flat_labels = labels.reshape(-1)
         text_rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-        lm_sum = text_cross_entropy_sum(self.logits(flat_hidden[text_rows]), flat_labels[text_rows])
+        # Raw LM-head output: the cross-entropy masks the vocabulary padding itself (also vocabulary-parallel).
+        lm_sum = text_cross_entropy_sum(self.output(flat_hidden[text_rows]), flat_labels[text_rows],
+                                        self.config.real_vocab_size)
         lm_tokens = text_rows.new_tensor(text_rows.numel())
 
         if visual_tokens is not None and visual_target_mask is not None:
@@ -279,31 +292,40 @@ class VPiTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- vocab
     @torch.no_grad()
-    def resize_token_embeddings(self, new_vocab_size: int) -> None:
-        """Grows (or shrinks) the vocabulary; new rows of the embedding and LM head start as the mean of the
-        existing rows, so new tokens (`<image_start>`, `<image_end>`, padding) begin as an 'average' token."""
-        old = self.config.vocab_size
-        if new_vocab_size == old:
+    def resize_token_embeddings(self, new_vocab_size: int, padded_size: int | None = None) -> None:
+        """Sets the real vocabulary to `new_vocab_size` tokens, padded to `padded_size` rows (default: no padding).
+
+        Real rows that already exist are kept; new real rows of the embedding and LM head start as the mean of the
+        old real rows (as MetaMorph's `initialize_vision_tokenizer` does for `<image_start>`/`<image_end>`), so new
+        tokens begin as an 'average' token; padding rows are zero (see `ModelConfig.real_vocab_size`).
+        """
+        padded_size = new_vocab_size if padded_size is None else padded_size
+        if padded_size < new_vocab_size:
+            raise ValueError(f"padded vocabulary {padded_size} is smaller than the real one {new_vocab_size}")
+        old_real = self.config.num_real_tokens
+        real = new_vocab_size
+        if padded_size == self.config.vocab_size and real == old_real:
             return
 
         def resized(weight: torch.Tensor) -> nn.Parameter:
-            new = weight.new_empty(new_vocab_size, weight.shape[1])
-            keep = min(old, new_vocab_size)
+            new = weight.new_zeros(padded_size, weight.shape[1])
+            keep = min(old_real, real)
             new[:keep] = weight[:keep]
-            if new_vocab_size > old:
-                new[old:] = weight.float().mean(dim=0).to(weight.dtype)
+            if real > old_real:
+                new[old_real:real] = weight[:old_real].float().mean(dim=0).to(weight.dtype)
             return nn.Parameter(new, requires_grad=weight.requires_grad)
 
-        self.config = self.config.replace(vocab_size=new_vocab_size)
+        self.config = self.config.replace(vocab_size=padded_size,
+                                          real_vocab_size=real if real < padded_size else None)
         if self.tok_embeddings is not None:
             self.tok_embeddings.weight = resized(self.tok_embeddings.weight)
-            self.tok_embeddings.num_embeddings = new_vocab_size
+            self.tok_embeddings.num_embeddings = padded_size
         if self.output is not None:
             if self.config.tie_embeddings and self.tok_embeddings is not None:
                 self.tie_weights()
             else:
                 self.output.weight = resized(self.output.weight)
-            self.output.out_features = new_vocab_size
+            self.output.out_features = padded_size
         self.rope.config = self.config
 
 

@@ -125,10 +125,15 @@ class Trainer:
         if self.vocab is not None and not c.vocab_size_from_flag:
             size = self.vocab.get("vocab_size", self.vocab["image_end_id"] + 1)
             model = model.replace(vocab_size=padded_vocab_size(size, c.data.make_vocab_size_divisible_by,
-                                                               c.tensor_model_parallel_size))
+                                                               c.tensor_model_parallel_size), real_vocab_size=None)
         if self.vocab is not None and model.vocab_size <= self.vocab["image_end_id"]:
             raise ValueError(f"--vocab-size {model.vocab_size} is too small for the shards' tokenizer "
                              f"(<image_end> is id {self.vocab['image_end_id']})")
+        if self.vocab is not None:
+            # Rows past the tokenizer's ids are padding: masked out of the softmax and zero-initialised, so the
+            # padding (which grows with the TP size) never changes the math (engine.model.losses).
+            size = self.vocab.get("vocab_size", self.vocab["image_end_id"] + 1)
+            model = model.replace(real_vocab_size=size if size < model.vocab_size else None)
         self.model_config = model
         fractions = c.data.split_fractions()
         self.train_samples = BlendedSamples(self.datasets, fractions, 0, c.train_iters * self.global_batch_size, c.seed)
