@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from engine.checkpoint_io import CheckpointError, atomic_write_text, sha256_file
+from engine.training import vocab_padding
 from engine.training.parallel import ParallelInfo
 
 FORMAT = "chrysalis-training-checkpoint"
@@ -666,6 +667,12 @@ def model_config_mismatches(saved: dict[str, Any], current, source: str) -> list
     except (TypeError, ValueError) as err:
         return [*lines, f"{source}: the recorded model config is invalid ({err})"]
     for name in ARCHITECTURE_FIELDS:
+        if name == "vocab_size":  # the padding may differ (another TP size): vocabulary rows adapt on load
+            saved_real, real = vocab_padding.real_vocab_of(saved_config), current.num_real_tokens
+            if saved_real != real:
+                lines.append(f"{source}: the vocabulary has {saved_real} real tokens in the checkpoint but {real} "
+                             "in this run (another tokenizer)")
+            continue
         if saved_config.get(name) != mine.get(name):
             flag = "--" + name.replace("_", "-")
             lines.append(f"{source}: model field {name} is {saved_config.get(name)!r} in the checkpoint but "
@@ -734,12 +741,16 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     saved_state = _saved_state(path)
     partial = partial and optimizer is None
     model_sd, optim_sd = (model_state(model), None) if optimizer is None else model_and_optimizer_state(model, optimizer)
+    # Vocabulary matrices saved with another padding (another TP size): load the stored rows, keep the real ones.
+    vocab_rows = vocab_padding.swap_in_stored_rows(model_sd, stored, "model.")
+    optim_vocab_rows: list = []
     problems, missing = _tensor_problems(model_sd, stored, "model.", partial)
     optim_tensors: dict[str, Any] = {}
     optim_other: dict[str, Any] = {}
     saved_items = saved_state["optimizer_items"]
     if optim_sd is not None:
         optim_tensors, optim_other = _split_tensors(optim_sd)
+        optim_vocab_rows = vocab_padding.swap_in_stored_rows(optim_tensors, stored, "optimizer.")
         more, _ = _tensor_problems(optim_tensors, stored, "optimizer.", False)
         problems += [p.replace("tensor ", "optimizer tensor ", 1) for p in more]
         problems += [f"optimizer item {k} is missing from {STATE}" for k in optim_other if k not in saved_items][:10]
@@ -756,6 +767,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     if optimizer is None:
         state = {"model": {k: v for k, v in model_sd.items() if k not in missing}}
         _load_tensors(path, state, info, partial=partial)
+        vocab_padding.copy_back(vocab_rows, state["model"])
         set_model_and_optimizer_state(model, None, state["model"], None, strict=not partial)
         if partial and info.is_main:
             for name in missing:
@@ -766,6 +778,8 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
     state = {"model": model_sd, "optimizer": optim_tensors}
     _load_tensors(path, state, info)
+    vocab_padding.copy_back(vocab_rows, state["model"])
+    vocab_padding.copy_back(optim_vocab_rows, state["optimizer"])
     items = {k: _restore_like(saved_items[k], v) for k, v in optim_other.items()}
     set_model_and_optimizer_state(model, optimizer, state["model"], {**state["optimizer"], **items})
     rng_file = path / RNG_DIR / f"rank_{info.rank:05d}.json"

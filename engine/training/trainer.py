@@ -37,6 +37,7 @@ from engine.training.data import (
 from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
 from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer
 from engine.training.parallel import ParallelInfo, all_reduce_sum, apply_activation_checkpointing, parallelize, unwrap
+from engine.training.vocab_padding import VOCAB_MATRICES, repad_rows
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -332,6 +333,9 @@ class Trainer:
         if mismatches and not partial:
             raise ckpt.CheckpointError("\n".join(mismatches) + " (--load-partial loads the tensors that fit)")
         state = loaded.state_dict()
+        if loaded.config.num_real_tokens == self.model_config.num_real_tokens:  # another padding (TP size)
+            state = {k: repad_rows(v, self.model_config.vocab_size) if k in VOCAB_MATRICES else v
+                     for k, v in state.items()}
         with torch.device("meta"):
             own = {k: tuple(v.shape) for k, v in VPiTModel(self.model_config).state_dict().items()}
         wrong = [f"tensor {k} has shape {list(v.shape)} in {path}, {list(own[k])} in this model"
