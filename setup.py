@@ -14,11 +14,15 @@ EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "sentencepiece", "tiktoken", "tokenizers",
             "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.30", "mpi4py",
             # chrysalis_kernels' tests run the Triton kernels on CPU under its interpreter (TRITON_INTERPRET=1).
-            "triton>=3.9"],
+            "triton>=3.9",
+            # FP8 module conversion and its CPU emulation tests (tests/test_training_fast_paths.py).
+            "torchao>=0.18,<0.19"],
     # DALI comes from NVIDIA's package index (nvidia-dali-cuda120); the PIL decoder is the portable fallback.
     "data": ["transformers>=4.45", "mpi4py", "pillow", "sentencepiece", "tiktoken", "tokenizers", "tqdm"],
     "train": ["tensorboard", "matplotlib"],
-    "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
+    "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao>=0.18,<0.19"],
+    # torchao float8 training (--fp8-format); 0.18 is built against torch 2.13 and does not pull another torch.
+    "fp8": ["torchao>=0.18,<0.19"],
     "viz": ["diffusers>=0.30", "transformers>=4.45", "pillow"],
     "wandb": ["wandb"],
 }
