@@ -43,11 +43,13 @@ class ParallelVPiT:
     Args:
         mesh: the ("pp", "dp", "tp") mesh from `engine.parallel.mesh.build_device_mesh`.
         activation_checkpointing: wrap every transformer block in activation checkpointing.
+        block_transforms: an `engine.parallel.block_transforms.BlockTransforms` (FP8, full or selective
+            checkpointing, compile) applied around tensor parallelism; it replaces `activation_checkpointing`.
     """
 
     def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, mesh: DeviceMesh, *,
                  device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int | None = 0,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, block_transforms=None):
         validate_parallel_config(parallel, model_config, mesh.size())
         self.config = model_config
         self.parallel = parallel
@@ -71,8 +73,12 @@ class ParallelVPiT:
             part = build_model_part(model_config, self.layer_split[stage], is_first=stage == 0,
                                     is_last=stage == self.num_stages - 1, device=self.device, dtype=dtype,
                                     seed=seed, model_class=model_class)
+            if block_transforms is not None:
+                block_transforms.before_tensor_parallel(part)
             apply_tensor_parallel(part, self.tp_mesh, parallel.sequence_parallel)
-            if activation_checkpointing:
+            if block_transforms is not None:
+                block_transforms.after_tensor_parallel(part)
+            elif activation_checkpointing:
                 apply_activation_checkpointing(part)
             self.parts.append(part)
         self.embedding_group = self._build_embedding_group()

@@ -184,6 +184,15 @@ class Trainer:
         if c.compile:
             compile_transformer_blocks(model)
 
+    def _block_transforms(self):
+        """FP8, full/selective checkpointing and compile for the TP/PP model parts (engine.parallel)."""
+        from engine.parallel.block_transforms import BlockTransforms
+
+        c = self.config
+        recompute = c.recompute_granularity if (c.recompute_num_layers or c.recompute_granularity == "selective") \
+            else None
+        return BlockTransforms(fp8=self.fp8, recompute=recompute, compile=c.compile)
+
     def _build_model(self) -> None:
         c = self.config
         self.parallel_model = None
@@ -245,7 +254,8 @@ class Trainer:
                              "train in fp32 or use data parallelism only")
         hf_model = self._load_hf_model() if c.checkpoint.load_hf else None
         pm = ParallelVPiT(self.model_config, c.parallel_config(), self.info.mesh, device=self.device, seed=c.seed,
-                          activation_checkpointing=c.recompute_num_layers != 0)
+                          activation_checkpointing=c.recompute_num_layers != 0,
+                          block_transforms=self._block_transforms())
         self._log(f"model parallel: tp={c.tensor_model_parallel_size} pp={c.pipeline_model_parallel_size} "
                   f"dp={self.info.dp_size}; {pm.describe()}")
         if hf_model is not None:
