@@ -5,7 +5,8 @@ last and records the sha256 of the weights, so a truncated or corrupted file is 
 
     CKPT/
       config.json        {"format": "chrysalis-model", "format_version": 1, "model": {...ModelConfig...},
-                          "vocab": {"base_vocab_size", "image_start_id", "image_end_id"}, "sha256": {...}}
+                          "vocab": {"base_vocab_size", "image_start_id", "image_end_id"}, "sha256": {...},
+                          "tokenizer_fingerprint": ... (when a tokenizer is saved with it)}
       model.safetensors  the model's state dict (a tied LM head is stored once, as tok_embeddings.weight)
       tokenizer/         optional copy of the tokenizer
 """
@@ -99,6 +100,7 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, voca
     save_tensors_atomic(model_state_for_saving(model), weights, metadata={"format": FORMAT})
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer")
+        extra = {"tokenizer_fingerprint": tokenizer.fingerprint(), **(extra or {})}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -118,9 +120,13 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a Chrysalis checkpoint: {path} is missing "
                               "(an interrupted save leaves no config.json)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format is {config.get('format')!r}, expected {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:
@@ -145,10 +151,15 @@ def load_model_checkpoint(directory: str | Path, device: torch.device | str = "c
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
     if verify:
-        expected = config.get("sha256", {}).get(WEIGHTS_FILE)
+        expected = (config.get("sha256") or {}).get(WEIGHTS_FILE) if isinstance(config.get("sha256"), dict) else None
         if expected and sha256_file(weights) != expected:
             raise CheckpointError(f"{weights} is corrupt: its sha256 does not match {directory / 'config.json'}")
-    model_config = ModelConfig.from_dict(config["model"])
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{directory / 'config.json'}: 'model' (the model config) is missing or not an object")
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / 'config.json'}: invalid model config ({err})") from None
     state = load_tensors(weights)
     with torch.device("meta"):
         model = VPiTModel(model_config)

@@ -7,13 +7,15 @@
 
 Writes OUT/results.jsonl (one line per prompt, input order), OUT/visual_tokens.safetensors (one [64, 1152] tensor
 per generated image, key `sample_{index:05d}.image_{j}`), and with `--visualizer` OUT/images/*.png.
-Exit status: 0 on success, 1 on a usage or input error.
+Exit status: 0 on success; 1 on bad input (a flag value, the batch file, the checkpoint, the tokenizer), with one
+line `error: ...` naming the flag or file; 2 on unknown flags (argparse). See docs/failure_modes.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,16 +88,51 @@ def _setup_tensor_parallel(tp: int, device: torch.device):
     return init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)), dist.get_rank()
 
 
+def _check_utf8(path: str) -> None:
+    """A batch file that is not UTF-8 is named with the line and column of its first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})") from None
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Flag values that argparse's types accept but generation cannot use (nan, inf, out of range)."""
+    checks = [
+        (math.isfinite(args.temperature) and args.temperature >= 0, f"--temperature must be a finite number >= 0 "
+                                                                   f"(0 = greedy), got {args.temperature}"),
+        (math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.tensor_model_parallel_size >= 1,
+         f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}"),
+        (math.isfinite(args.guidance_scale), f"--guidance-scale must be finite, got {args.guidance_scale}"),
+        (args.render_steps >= 1, f"--render-steps must be >= 1, got {args.render_steps}"),
+        (args.render_size is None or args.render_size >= 8, f"--render-size must be >= 8, got {args.render_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def _inputs(args) -> list[PromptInput]:
     if args.batch_file:
         if args.image or args.system:
             raise ValueError("--image and --system go with --prompt; put images in the batch file's 'images'")
+        _check_utf8(args.batch_file)
         return read_batch_file(args.batch_file)
     return [PromptInput(args.prompt, list(args.image), args.system)]
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    validate_args(args)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -180,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # CheckpointError and TokenizerFormatError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -44,9 +44,31 @@ def _is_model_checkpoint(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == "chrysalis-model"
-    except json.JSONDecodeError:
-        return False
+        data = json.loads(config.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return True  # engine.checkpoint_io names the file and what is wrong with it
+    return isinstance(data, dict) and data.get("format") == "chrysalis-model"
+
+
+def _saved_fingerprint(directory: Path) -> str | None:
+    """The fingerprint recorded in a checkpoint's tokenizer copy (tokenizer/tokenizer_config.json), if any."""
+    try:
+        data = json.loads((directory / "tokenizer" / "tokenizer_config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("fingerprint") if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) else None
+
+
+def check_tokenizer_fingerprint(tokenizer: ChrysalisTokenizer, expected: str | None, source: str,
+                                load: str | Path) -> None:
+    """`--tokenizer` must be the tokenizer the checkpoint was trained with: the same fingerprint (files, type and
+    image tokens), else token ids would silently mean other tokens."""
+    if expected is None:
+        return
+    found = tokenizer.fingerprint()
+    if found != expected:
+        raise ValueError(f"--tokenizer {source} (fingerprint {found[:16]}) is not the tokenizer {load} was trained "
+                         f"with (fingerprint {expected[:16]}); its token ids would not match the model's")
 
 
 def _template_from_builds(builds: list[str] | None) -> str | None:
@@ -77,6 +99,7 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
         from engine.checkpoint_io import load_model_checkpoint
 
         model, config = load_model_checkpoint(path, device=device, dtype=dtype)
+        expected = config.get("tokenizer_fingerprint") or _saved_fingerprint(path)
         if tokenizer is None and (path / "tokenizer").is_dir():
             tokenizer = load_saved_tokenizer(path / "tokenizer")
         kind, encoder, template = "model", config.get("vision_encoder"), config.get("chat_template")
@@ -84,10 +107,13 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
         from engine.training.export import load_for_generation
 
         model, saved_tokenizer, record = load_for_generation(path, device=device, dtype=dtype)
+        data = record.get("data") if isinstance(record.get("data"), dict) else {}
+        expected = data.get("tokenizer_fingerprint") or (saved_tokenizer.fingerprint() if saved_tokenizer else None)
         tokenizer = tokenizer or saved_tokenizer
-        data = record.get("data") or {}
         kind, encoder, template = "training", data.get("vision_encoder"), _template_from_builds(data.get("builds"))
         path = Path(record["path"])
+    if tokenizer_dir is not None:
+        check_tokenizer_fingerprint(tokenizer, expected, str(tokenizer_dir), load)
     if tokenizer is None:
         raise FileNotFoundError(f"--load {load} holds no tokenizer copy (trained on mock data?); "
                                 "pass --tokenizer DIR (a directory written by ChrysalisTokenizer.save)")

@@ -471,9 +471,9 @@ def _record_problem(record: Any, record_path: Path) -> str | None:
         return f"{record_path}: format is {record.get('format')!r}, not {FORMAT!r}"
     version = record.get("format_version")
     if version == 1:
-        return (f"{record_path}: format_version 1 (DCP with pickled .metadata) is refused: this Chrysalis never "
-                "unpickles checkpoint files; re-save it with the Chrysalis that wrote it is not possible either, "
-                "so retrain or export it there to a model-only checkpoint")
+        return (f"{record_path}: format_version 1 (DCP with a pickled .metadata) is refused: Chrysalis never "
+                "unpickles checkpoint files (export it to a model-only checkpoint with the Chrysalis version that "
+                "wrote it, or retrain)")
     if version != FORMAT_VERSION:
         return f"{record_path}: format_version {version!r} is not supported (this Chrysalis reads {FORMAT_VERSION})"
     if not isinstance(record.get("iteration"), int) or record["iteration"] < 0:

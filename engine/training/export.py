@@ -2,7 +2,9 @@
 
     python -m engine.training.export --load CKPT --output MODEL_DIR [--hf-output HF_DIR]
 
-`--load` is a training `--save` directory (its newest complete checkpoint is used) or one `iter_*` directory.
+`--load` is a training `--save` directory (the checkpoint `latest` names, validated; see
+engine/training/checkpoint.py) or one `iter_*` directory. Exit status: 0 on success, 1 with one line
+`error: ...` naming the file when the checkpoint is missing, incomplete, corrupt or refused (docs/failure_modes.md).
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
     """(VPiTModel, tokenizer or None, completion record) from a training checkpoint; single process."""
     from engine.model import VPiTModel
 
-    path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")))
+    if not Path(load).exists():
+        raise FileNotFoundError(f"--load {load}: no such file or directory")
+    path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
+                               log=lambda message: print(message, file=sys.stderr))
     if path is None:
         raise FileNotFoundError(f"no training checkpoint in {load}")
     record = ckpt.read_record(path)
+    try:
+        config = ModelConfig.from_dict(record["model"])
+    except (TypeError, ValueError) as err:
+        raise ckpt.CheckpointError(f"{path / ckpt.RECORD}: invalid model config ({err})") from None
     with torch.device("meta"):
-        model = VPiTModel(ModelConfig.from_dict(record["model"]))
+        model = VPiTModel(config)
     model.to_empty(device="cpu")
     model.tie_weights()
     model.rope.reset_parameters()
@@ -53,8 +62,11 @@ def export_training_checkpoint(load: str | Path, output: str | Path, *, hf_outpu
     vocab = {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}
     extra: dict[str, Any] = {"source": {"training_checkpoint": record["path"], "iteration": record["iteration"],
                                         "stage": record.get("stage")}}
-    if (record.get("data") or {}).get("vision_encoder") is not None:
-        extra["vision_encoder"] = record["data"]["vision_encoder"]
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    if data.get("vision_encoder") is not None:
+        extra["vision_encoder"] = data["vision_encoder"]
+    if data.get("tokenizer_fingerprint"):
+        extra["tokenizer_fingerprint"] = data["tokenizer_fingerprint"]
     out = save_model_checkpoint(model, output, vocab=vocab, tokenizer=tokenizer, extra=extra)
     if hf_output is not None:
         from engine.convert import chrysalis_to_hf
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_training_checkpoint(args.load, args.output, hf_output=args.hf_output)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}" + (f" and {args.hf_output}" if args.hf_output else ""))
