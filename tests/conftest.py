@@ -14,3 +14,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    """The bundled sample (examples/data/sample) built once per session by `python -m preprocess build` (tiktoken
+    tokenizer, llama3 chat template, tiny random SigLIP, sequences of 512): real shards for CLI tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sample = root / "examples" / "data" / "sample"
+    out = tmp_path_factory.mktemp("sample-shards") / "build"
+    cmd = [sys.executable, "-m", "preprocess", "build", "--input", str(sample / "samples.jsonl"),
+           "--image-root", str(sample / "images"), "--tokenizer-type", "tiktoken",
+           "--tokenizer-model", str(root / "examples/data/tokenizer/tokenizer.model"), "--chat-template", "llama3",
+           "--vision-encoder", "tiny-random", "--seq-length", "512", "--workers", "1", "--output", str(out),
+           "--no-progress"]
+    done = subprocess.run(cmd, cwd=root, check=False, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

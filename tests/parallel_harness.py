@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
     parser.add_argument("--tie-embeddings", action="store_true", help="LM head tied to the token embedding")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-microbatches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)
@@ -90,7 +91,8 @@ def main() -> None:
                               sequence_parallel=args.sequence_parallel,
                               data_parallel_sharding="fsdp" if args.fsdp else "none")
     mesh = build_device_mesh(parallel, "cpu")
-    model = ParallelVPiT(config, parallel, mesh, device="cpu", seed=1234, activation_checkpointing=args.recompute)
+    model = ParallelVPiT(config, parallel, mesh, device="cpu", seed=1234, activation_checkpointing=args.recompute,
+                         autocast_dtype=torch.bfloat16 if args.bf16 else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, foreach=False)
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(mesh_dim=1)
     per_rank = args.global_microbatches // dp_size

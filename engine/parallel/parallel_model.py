@@ -11,6 +11,7 @@ data-parallel ranks), so every layout computes the same loss and the same gradie
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -45,11 +46,17 @@ class ParallelVPiT:
         activation_checkpointing: wrap every transformer block in activation checkpointing.
         block_transforms: an `engine.parallel.block_transforms.BlockTransforms` (FP8, full or selective
             checkpointing, compile) applied around tensor parallelism; it replaces `activation_checkpointing`.
+        autocast_dtype: mixed precision (`--bf16`): forwards run under autocast to this dtype over fp32 master
+            weights (so gradients and optimizer state are fp32); pipeline stages exchange activations and their
+            gradients in it; FSDP2 all-gathers parameters in it.
+        grad_reduce_dtype: dtype of the data-parallel gradient reduction (fp32 =
+            `--accumulate-allreduce-grads-in-fp32`, FSDP2's `reduce_dtype`).
     """
 
     def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, mesh: DeviceMesh, *,
                  device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int | None = 0,
-                 activation_checkpointing: bool = False, block_transforms=None):
+                 activation_checkpointing: bool = False, block_transforms=None,
+                 autocast_dtype: torch.dtype | None = None, grad_reduce_dtype: torch.dtype = torch.float32):
         validate_parallel_config(parallel, model_config, mesh.size())
         self.config = model_config
         self.parallel = parallel
@@ -61,6 +68,8 @@ class ParallelVPiT:
         self.tp_mesh = mesh["tp"]
         self.dp_group = mesh.get_group("dp")
         self.pp_group = mesh.get_group("pp")
+        self.autocast_dtype = autocast_dtype
+        self.grad_reduce_dtype = grad_reduce_dtype
 
         virtual = parallel.virtual_stages_per_rank(model_config.num_layers) if self.pp_size > 1 else 1
         self.num_stages = self.pp_size * virtual
@@ -80,6 +89,8 @@ class ParallelVPiT:
                 block_transforms.after_tensor_parallel(part)
             elif activation_checkpointing:
                 apply_activation_checkpointing(part)
+            if isinstance(part, VPiTStage):
+                part.autocast_dtype = part.boundary_dtype = autocast_dtype
             self.parts.append(part)
         self.embedding_group = self._build_embedding_group()
         self._sync_tied_embeddings()
@@ -87,7 +98,7 @@ class ParallelVPiT:
             from engine.parallel.data_parallel import apply_fsdp
 
             for part in self.parts:
-                apply_fsdp(part, mesh["dp"])
+                apply_fsdp(part, mesh["dp"], param_dtype=autocast_dtype, reduce_dtype=grad_reduce_dtype)
         self._schedules: dict[int, object] = {}
 
     # ----------------------------------------------------------------------------------------------- tied embeddings
@@ -195,7 +206,8 @@ class ParallelVPiT:
         if self.pp_size == 1:
             (model,) = self.parts
             for mb in micro_batches:
-                parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
+                with self._autocast():
+                    parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
                 loss = parts.lm_loss_sum / lm_norm + self.config.visual_loss_coef * parts.visual_loss_sum / vis_norm
                 loss.backward()
                 sums += torch.stack([parts.lm_loss_sum.detach(), parts.lm_tokens.float(),
@@ -209,6 +221,11 @@ class ParallelVPiT:
         visual_loss = sums[2].item() / max(sums[3].item(), 1.0)
         return {"loss": lm_loss + self.config.visual_loss_coef * visual_loss, "lm_loss": lm_loss,
                 "visual_loss": visual_loss, "lm_tokens": int(sums[1].item()), "visual_targets": int(sums[3].item())}
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(self.device, non_blocking=True) if t is not None else None
@@ -261,8 +278,8 @@ class ParallelVPiT:
         tp = self.tp_mesh.size()
         local_seq = seq // tp if self.parallel.sequence_parallel and tp > 1 else seq
         # requires_grad marks the received activations as needing a gradient to send back.
-        hidden = torch.empty(mb, local_seq, self.config.hidden_size, device=self.device, dtype=self._dtype,
-                             requires_grad=True)
+        hidden = torch.empty(mb, local_seq, self.config.hidden_size, device=self.device,
+                             dtype=self.autocast_dtype or self._dtype, requires_grad=True)
         stages = []
         for stage_id, part in zip(self.stage_ids, self.parts):
             first, last = stage_id == 0, stage_id == self.num_stages - 1
@@ -283,7 +300,8 @@ class ParallelVPiT:
         if self.pp_size == 1:
             (model,) = self.parts
             for mb in micro_batches:
-                parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
+                with self._autocast():
+                    parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
                 sums += torch.stack([parts.lm_loss_sum, parts.lm_tokens.float(), parts.visual_loss_sum,
                                      parts.visual_targets.float()]).double().cpu()
         else:
@@ -319,7 +337,9 @@ class ParallelVPiT:
             return
         grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
         for bucket in _buckets(grads, 1 << 24):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
+            # fp32 gradients (autocast over fp32 weights) are summed in fp32 unless a lower reduce dtype is asked
+            # for (half the bytes, Megatron's default without --accumulate-allreduce-grads-in-fp32).
+            flat = torch.cat([g.reshape(-1) for g in bucket]).to(self.grad_reduce_dtype)
             dist.all_reduce(flat, group=self.dp_group)
             offset = 0
             for g in bucket:

@@ -58,10 +58,27 @@ class VPiTStage(VPiTModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.loss_parts: list[torch.Tensor] = []
+        # Mixed precision (set by ParallelVPiT under --bf16): the stage's forward runs under autocast, and the
+        # hidden states it sends to the next stage (and the gradients that come back) travel in `boundary_dtype`.
+        self.autocast_dtype: torch.dtype | None = None
+        self.boundary_dtype: torch.dtype | None = None
 
-    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, document_ids: torch.Tensor,
-                visual_tokens: torch.Tensor, visual_slots: torch.Tensor, visual_targets: torch.Tensor,
-                labels: torch.Tensor, lm_normalizer: float = 1.0, visual_normalizer: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self._stage_forward(x, **kwargs)
+        if self.tok_embeddings is None:
+            # The residual stream stays fp32 inside a stage, as on one process under autocast; only the p2p
+            # transfer is rounded to `boundary_dtype`.
+            x = x.float()
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            out = self._stage_forward(x, **kwargs)
+        if self.norm is None and self.boundary_dtype is not None:
+            out = out.to(self.boundary_dtype)
+        return out
+
+    def _stage_forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                       visual_tokens: torch.Tensor, visual_slots: torch.Tensor, visual_targets: torch.Tensor,
+                       labels: torch.Tensor, lm_normalizer: float = 1.0, visual_normalizer: float = 1.0) -> torch.Tensor:
         b, s = position_ids.shape
         valid = visual_slots >= 0  # [B, Vmax]
         rows = torch.arange(b, device=visual_slots.device).unsqueeze(1).expand_as(visual_slots)

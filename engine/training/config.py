@@ -147,6 +147,11 @@ class TrainingConfig:
         use_distributed_optimizer: shard optimizer state and gradients over the data-parallel ranks where DDP
             would be used (Megatron's distributed optimizer: reduce-scatter gradients, all-gather parameters).
         max_skipped_steps: abort when more than this many consecutive steps had a non-finite loss or gradient.
+        bf16: mixed precision: bf16 autocast (FSDP2: bf16 parameter all-gathers) over fp32 master weights, fp32
+            gradients and fp32 optimizer state; losses and softmax in fp32 (docs/training.md, "Precision").
+        accumulate_allreduce_grads_in_fp32: reduce data-parallel gradients in fp32 (the default, which Megatron
+            also forces under bf16); `--grad-reduce-in-bf16` halves the reduction's bytes at bf16 precision.
+        fp16: refused with a message (use bf16; see docs/training.md).
         exit_signal_handler: on `exit_signal`, finish the step, save a checkpoint and exit 0 (on by default;
             Megatron's `--exit-signal-handler` is accepted, `--no-exit-signal-handler` turns it off).
     """
@@ -165,6 +170,8 @@ class TrainingConfig:
     stage: int = 2
     stage1_train_visual_head: bool = False
     bf16: bool = False
+    fp16: bool = False
+    accumulate_allreduce_grads_in_fp32: bool = True
     recompute_num_layers: int = 0
     recompute_granularity: RecomputeGranularity = "full"
     compile: bool = False
@@ -233,6 +240,9 @@ class TrainingConfig:
             problems.append("--eval-interval must be positive")
         if self.max_skipped_steps < 0:
             problems.append("--max-skipped-steps must be >= 0")
+        if self.fp16:
+            problems.append("--fp16 is not supported: use --bf16 (same speed on A100/H100/H200, fp32's exponent "
+                            "range, no loss scaling; docs/training.md explains)")
         if self.model_parallel and self.recompute_num_layers not in (0, -1):
             problems.append("with tensor/pipeline parallelism --recompute-num-layers must be 0 or -1 (all blocks)")
         if self.recompute_granularity not in ("full", "selective"):
@@ -308,7 +318,12 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--seed": ("", "seed", int, "initialisation and data order"),
     "--stage": ("", "stage", int, "1: projector + new token rows; 2: everything"),
     "--stage1-train-visual-head": ("", "stage1_train_visual_head", bool, "also train the visual head in stage 1"),
-    "--bf16": ("", "bf16", bool, "bf16 autocast with fp32 master weights (GPU)"),
+    "--bf16": ("", "bf16", bool, "bf16 mixed precision with fp32 master weights, grads and optimizer state"),
+    "--fp16": ("", "fp16", bool, "not supported (refused with a message): use --bf16"),
+    "--accumulate-allreduce-grads-in-fp32": ("", "accumulate_allreduce_grads_in_fp32", bool,
+                                             "reduce data-parallel gradients in fp32 (the default)"),
+    "--grad-reduce-in-bf16": ("", "accumulate_allreduce_grads_in_fp32", "store_false",
+                              "reduce data-parallel gradients in bf16 (half the bytes) under --bf16"),
     "--recompute-num-layers": ("", "recompute_num_layers", int, "activation checkpointing on the first N blocks"),
     "--recompute-granularity": ("", "recompute_granularity", str,
                                 "full (whole blocks) | selective (per op type: keep matmuls and attention)"),

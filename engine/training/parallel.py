@@ -88,10 +88,14 @@ def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
         model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=False)
 
 
-def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool) -> nn.Module:
+def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool,
+                reduce_in_fp32: bool = True) -> nn.Module:
     """DDP (`none`) or FSDP2 (`fsdp`, one unit per block + the root) over the dp mesh; identity on one process.
 
-    FSDP2 with bf16 uses MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 sharded master weights.
+    Master weights, gradients and optimizer state are fp32 in both. With bf16, FSDP2 uses
+    MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 sharded master weights (torchtitan's policy) and DDP
+    all-reduces the fp32 gradients of bf16 autocast. `reduce_in_fp32=False` (`--grad-reduce-in-bf16`) reduces in
+    bf16 instead: FSDP2's reduce_dtype, DDP's bf16 compression hook.
     """
     if info.mesh is None:
         return model
@@ -99,7 +103,8 @@ def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool)
     if sharding == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                      reduce_dtype=torch.float32 if reduce_in_fp32 else torch.bfloat16) if bf16 \
             else MixedPrecisionPolicy()
         for block in model.layers.values():
             fully_shard(block, mesh=dp_mesh, mp_policy=policy)
@@ -107,9 +112,14 @@ def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
-                                   device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    ddp = DistributedDataParallel(model, process_group=dp_mesh.get_group(),
+                                  device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    if bf16 and not reduce_in_fp32:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        ddp.register_comm_hook(dp_mesh.get_group(), bf16_compress_hook)
+    return ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:

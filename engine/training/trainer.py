@@ -214,7 +214,8 @@ class Trainer:
             self._log(f"distributed optimizer: this rank holds {local:,} of {total:,} trainable parameter elements "
                       "and their AdamW state")
         else:
-            self.model = parallelize(model, self.info, c.data_parallel_sharding, c.bf16)
+            self.model = parallelize(model, self.info, c.data_parallel_sharding, c.bf16,
+                                     reduce_in_fp32=c.accumulate_allreduce_grads_in_fp32)
         self.optimizer = build_optimizer(self.model, c)
         self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
         self.grad_mask = None
@@ -249,13 +250,12 @@ class Trainer:
         from engine.training.optim import PartOptimizers
 
         c = self.config
-        if c.bf16:
-            raise ValueError("--bf16 with --tensor/--pipeline-model-parallel-size > 1 is not supported yet; "
-                             "train in fp32 or use data parallelism only")
         hf_model = self._load_hf_model() if c.checkpoint.load_hf else None
         pm = ParallelVPiT(self.model_config, c.parallel_config(), self.info.mesh, device=self.device, seed=c.seed,
                           activation_checkpointing=c.recompute_num_layers != 0,
-                          block_transforms=self._block_transforms())
+                          block_transforms=self._block_transforms(),
+                          autocast_dtype=torch.bfloat16 if c.bf16 else None,
+                          grad_reduce_dtype=torch.float32 if c.accumulate_allreduce_grads_in_fp32 else torch.bfloat16)
         self._log(f"model parallel: tp={c.tensor_model_parallel_size} pp={c.pipeline_model_parallel_size} "
                   f"dp={self.info.dp_size}; {pm.describe()}")
         if hf_model is not None:
