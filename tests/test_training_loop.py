@@ -211,8 +211,30 @@ def test_export_to_model_checkpoint_and_hugging_face(tmp_path):
     out = export_training_checkpoint(tmp_path / "ck", tmp_path / "model", hf_output=tmp_path / "hf")
     model, config = load_model_checkpoint(out)
     assert config["vocab"]["base_vocab_size"] == 300
-    assert all(torch.equal(v, t.core_model.state_dict()[k]) for k, v in model.state_dict().items())
-    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "vpit_heads.safetensors").is_file()
+    trained = t.core_model.state_dict()
+    assert model.state_dict().keys() == trained.keys()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    # The Hugging Face export holds the trained tensors (real vocabulary rows only), the projector and head
+    # included; every trained tensor is found there exactly once.
+    from safetensors.torch import load_file
+
+    from engine.convert import chrysalis_to_hf_name
+
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    heads = load_file(tmp_path / "hf" / "vpit_heads.safetensors")
+    real = json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
+    assert real == t.model_config.num_real_tokens == 302 and t.model_config.vocab_size == 384
+    compared = set()
+    for name, tensor in trained.items():
+        if name.startswith(("projector.", "visual_head.")):
+            exported = heads[name]
+        else:
+            exported = hf[chrysalis_to_hf_name(name)]
+            if name in ("tok_embeddings.weight", "output.weight"):
+                tensor = tensor[:real]
+        assert torch.equal(exported, tensor), name
+        compared.add(name)
+    assert compared == set(trained) and len(hf) + len(heads) == len(trained)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,7 +53,10 @@ def test_stage1_then_stage2_on_real_shards(build, tmp_path):
 
     assert load_saved_tokenizer(s1 / "iter_0000003" / "tokenizer").fingerprint() == manifest["tokenizer"]["fingerprint"]
     rows = [json.loads(line) for line in (tmp_path / "s1.jsonl").read_text().splitlines()]
-    assert all(r["visual_targets"] >= 0 and r["lm_tokens"] > 0 for r in rows)
+    assert all(r["lm_tokens"] > 0 and r["visual_targets"] % 64 == 0 for r in rows)
+    assert any(r["visual_targets"] > 0 for r in rows)
+    # Stage 1 measures the visual loss (it does not learn from it): logged wherever there are visual targets.
+    assert all((r["visual_loss"] > 0) == (r["visual_targets"] > 0) for r in rows)
 
     assert pretrain_gpt_vision.main(args(build, "--stage", "2", "--train-iters", "2", "--load", str(s1),
                                          "--save", str(s2))) == 0
@@ -63,14 +67,53 @@ def test_stage1_then_stage2_on_real_shards(build, tmp_path):
     assert model.config.vocab_size == 896
 
 
-def test_visual_targets_come_from_response_images(build):
+def _response_images_in_source() -> int:
+    """`<image>` placeholders in assistant turns of the bundled JSONL (the build's source of truth)."""
+    count = 0
+    for line in (SAMPLE / "samples.jsonl").read_text().splitlines():
+        for turn in json.loads(line)["conversations"]:
+            if turn["from"] == "gpt":
+                count += turn["value"].count("<image>")
+    return count
+
+
+def test_visual_targets_come_from_response_images_only(build):
+    """Prompt images are inputs only; response images are targets, on a sequence that has both."""
+    from engine.model import IGNORE_INDEX
+    from engine.training.data import collate_packed
+
     t = Trainer(parse_training_config(args(build, "--train-iters", "3")), build_device_mesh())
     reader = t.datasets[0][1]
-    responses = sum(int(reader[i].image_is_response.sum()) for i in range(len(reader)))
-    assert responses > 0
-    total = sum(b.visual_targets for b in t._loader(t.train_samples, 0))
-    # 3 steps x 2 sequences read every sequence at least once, and exactly 64 targets per response image.
-    assert total > 0 and total % 64 == 0
+    image_start = t.vocab["image_start_id"]
+    total_response = 0
+    mixed = 0
+    for i in range(len(reader)):
+        packed = reader[i]
+        starts = np.asarray(packed.image_slot_starts)
+        if starts.size == 0:
+            continue
+        # Independent of the shard's image_is_response field: an image is a response image when the model must
+        # emit its <image_start> (a text target in the chat template's response mask), else a prompt image.
+        assert all(int(packed.tokens[p - 1]) == image_start for p in starts)
+        response = np.array([bool(packed.loss_mask[p - 1]) for p in starts])
+        total_response += int(response.sum())
+        batch = collate_packed([(packed, reader.embeddings(packed.image_rows))], reader.seq_length)
+        mask = batch.visual_target_mask.view(-1, 64)
+        assert mask.shape[0] == starts.size
+        assert torch.equal(mask, torch.from_numpy(response)[:, None].expand(-1, 64)), (i, response, mask[:, 0])
+        assert batch.visual_targets == 64 * int(response.sum())
+        # No image slot is a text target, and the slots hold their own image's tokens.
+        labels = batch.labels.view(-1)
+        assert (labels[batch.visual_positions - 1] == IGNORE_INDEX).all()
+        emb = reader.embeddings(packed.image_rows).reshape(-1, 1152)
+        assert torch.equal(batch.visual_tokens, emb)
+        if response.any() and (~response).any():
+            mixed += 1
+            # The loss counts exactly the response slots: prompt slots never reach the visual loss.
+            out = t.core_model(batch.tokens, **batch.model_inputs())
+            assert int(out.visual_targets) == 64 * int(response.sum())
+    assert mixed > 0, "the sample build has no sequence with both a prompt and a response image"
+    assert total_response == _response_images_in_source() == 3
 
 
 def test_flipped_byte_in_a_shard_is_named(build, tmp_path):
