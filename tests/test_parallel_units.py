@@ -100,6 +100,19 @@ VOCAB_PARALLEL_SCRIPT = textwrap.dedent("""
     loss2.backward()
     assert abs(loss2.item() - dense.item()) < 1e-4 * abs(dense.item())
     assert torch.allclose(sharded.grad.full_tensor(), logits.grad, atol=1e-6)
+    # Vocabulary padding: columns >= 61 are padding (at world 3 the last rank holds padding only). The loss and
+    # gradients are those of the 61 real columns alone; padding columns get exactly zero gradient.
+    real = 61
+    real_logits = logits.detach()[:, :real].clone().requires_grad_()
+    real_labels = labels % real
+    unpadded = F.cross_entropy(real_logits, real_labels, reduction="sum")
+    unpadded.backward()
+    padded = distribute_tensor(logits.detach(), mesh, [Shard(1)]).requires_grad_()
+    loss3 = text_cross_entropy_sum(padded, real_labels, real)
+    loss3.backward()
+    assert torch.isfinite(loss3) and abs(loss3.item() - unpadded.item()) < 1e-5 * abs(unpadded.item())
+    grad3 = padded.grad.full_tensor()
+    assert torch.allclose(grad3[:, :real], real_logits.grad, atol=1e-6) and torch.count_nonzero(grad3[:, real:]) == 0
     if rank == 0:
         print("vocab-parallel ok", loss.item(), dense.item(), flush=True)
     dist.destroy_process_group()
