@@ -167,3 +167,16 @@ def test_tiny_recipes_train_stage1_then_stage2_through_the_cli(family_builds, tm
     assert sum(r["visual_targets"] for r in rows2) > 0  # stage 2 learns the visual tokens of response images
     assert all(math.isfinite(r["loss"]) for r in rows1 + rows2)
     assert (tmp_path / "s2").is_dir()
+
+
+def test_command_prints_flags_that_work_from_the_repository_root(tmp_path, capsys):
+    """`recipe.py command` names the recipe relative to the repository root (train.sbatch runs there, also in the
+    container at /opt/chrysalis) and appends the flags after `--`."""
+    _fake_build(tmp_path / "imageqa", 900)
+    assert recipe.main(["command", "--stage", "2", "--map", f"imageqa={tmp_path / 'imageqa'}", "--allow-missing",
+                        "--global-batch-size", "768", "--", "--load", "/ckpt/stage1"]) == 0
+    args = capsys.readouterr().out.split()
+    assert args[:2] == ["--config", "examples/metamorph/stage2.yaml"]
+    assert args[args.index("--lr") + 1] == "4.90025e-05" and args[args.index("--train-iters") + 1] == "2"
+    assert args[-2:] == ["--load", "/ckpt/stage1"]
+    assert recipe.main(["command", "--stage", "2", "--root", str(tmp_path / "none")]) == 1  # missing builds named

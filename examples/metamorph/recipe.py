@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,15 @@ def read_recipe(path: Path) -> dict[str, str]:
 
 
 def stage_command(stage: int, pairs: list[tuple[float, Path]], global_batch_size: int | None = None, *,
-                  recipe: Path | None = None, extra: list[str] | None = None) -> list[str]:
-    """pretrain_gpt_vision.py flags for one stage: the recipe file, then what depends on the data and the batch."""
-    recipe = recipe or RECIPES[stage]
+                  recipe: Path | None = None, extra: list[str] | None = None,
+                  repo_relative: bool = False) -> list[str]:
+    """pretrain_gpt_vision.py flags for one stage: the recipe file, then what depends on the data and the batch.
+
+    Args:
+        repo_relative: name a recipe inside this repository relative to its root (train.sbatch runs from the
+            repository root, which is /opt/chrysalis inside the container), so the flags work on any machine.
+    """
+    recipe = Path(recipe or RECIPES[stage]).resolve()
     values = read_recipe(recipe)
     batch = global_batch_size or int(values["global-batch-size"])
     base = BASE[stage]
@@ -159,7 +166,10 @@ def stage_command(stage: int, pairs: list[tuple[float, Path]], global_batch_size
         lr = scaled_lr(float(values["lr"]), int(values["global-batch-size"]), batch)
     split = [float(x) for x in values.get("split", "100,0,0").split(",")]
     iters = epoch_iterations(pairs, batch, split[0] / sum(split))
-    return ["--config", str(recipe), "--data-path", *data_path_args(pairs), "--global-batch-size", str(batch),
+    shown = recipe
+    if repo_relative and recipe.is_relative_to(REPO):
+        shown = recipe.relative_to(REPO)
+    return ["--config", str(shown), "--data-path", *data_path_args(pairs), "--global-batch-size", str(batch),
             "--lr", f"{lr:.6g}", "--train-iters", str(iters), *(extra or [])]
 
 
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(data_path_args(pairs)))
         else:
             print(" ".join(stage_command(args.stage, pairs, args.global_batch_size, recipe=args.recipe,
-                                         extra=args.extra)))
+                                         extra=args.extra, repo_relative=True)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
