@@ -47,6 +47,10 @@ class ModelConfig:
             reference), `flex` (FlexAttention, document block mask), `flash`, `te`, `triton`, `triton-fp8`
             (see engine.model.attention_backends).
         visual_loss_coef: weight of the (1 - cosine) visual-token loss.
+        fused_linear_cross_entropy: compute the LM head and its cross-entropy in row chunks without the [N, V]
+            logits (Triton, `chrysalis_kernels.linear_cross_entropy`; CUDA, or CPU under TRITON_INTERPRET=1).
+        fused_visual_head_loss: continuous-token head + cosine loss with its activations recomputed in the
+            backward (Triton, `chrysalis_kernels.visual_head_loss`); not with a tensor-parallel head.
     """
 
     vocab_size: int = 32000
@@ -67,6 +71,8 @@ class ModelConfig:
     tokens_per_image: int = TOKENS_PER_IMAGE
     attention_backend: AttentionBackend = "auto"
     visual_loss_coef: float = 1.0
+    fused_linear_cross_entropy: bool = False
+    fused_visual_head_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:

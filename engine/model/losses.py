@@ -162,3 +162,44 @@ def visual_cosine_loss_sum(predicted: torch.Tensor, target: torch.Tensor) -> tor
     """Sum over rows of (1 - cosine(predicted, target)); target is detached. Empty input gives 0."""
     cos = F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1, eps=1e-8)
     return (1.0 - cos).sum()
+
+
+# ----------------------------------------------------------------------------------------------- fused (Triton)
+def fused_text_cross_entropy_sum(hidden: torch.Tensor, output_weight: torch.Tensor, labels: torch.Tensor,
+                                 real_vocab_size: int | None = None) -> torch.Tensor:
+    """`text_cross_entropy_sum(hidden @ output_weight.T, labels, real_vocab_size)` without the [N, V] logits
+    (`--fused-linear-cross-entropy`: chrysalis_kernels.linear_cross_entropy, chunked, Triton).
+
+    `output_weight` may be the vocabulary-parallel LM head's DTensor (rows sharded on a 1-D tensor-parallel mesh):
+    each rank then uses its shard and the same reductions as the vocabulary-parallel cross-entropy above.
+    """
+    from chrysalis_kernels.linear_cross_entropy import linear_cross_entropy_sum
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(hidden, DTensor):  # replicated over the tensor-parallel group: its local copy is the full tensor
+        hidden = hidden.to_local() if all(p.is_replicate() for p in hidden.placements) else hidden.full_tensor()
+    if not isinstance(output_weight, DTensor):
+        return linear_cross_entropy_sum(hidden, output_weight, labels, real_vocab_size=real_vocab_size)
+    mesh, placement = output_weight.device_mesh, output_weight.placements[0]
+    if mesh.ndim != 1 or not (isinstance(placement, Shard) and placement.dim == 0):
+        raise NotImplementedError(f"--fused-linear-cross-entropy with an LM head placed as {output_weight.placements}")
+    local = output_weight.to_local()
+    if local.shape[0] * mesh.size() != output_weight.shape[0]:
+        raise ValueError(f"vocabulary {output_weight.shape[0]} is not divisible by the tensor-parallel size "
+                         f"{mesh.size()}: pad it (--make-vocab-size-divisible-by)")
+    return linear_cross_entropy_sum(hidden, local, labels, real_vocab_size=real_vocab_size,
+                                    vocab_start=mesh.get_local_rank() * local.shape[0], group=mesh.get_group())
+
+
+def fused_visual_cosine_loss_sum(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """`visual_cosine_loss_sum(head(hidden), target)` for the continuous-token head (fc1, GELU, fc2) with its
+    intermediate activations recomputed in the backward instead of stored (`--fused-visual-head-loss`:
+    chrysalis_kernels.visual_head_loss). One device (or data parallelism) only: not with a tensor-parallel head."""
+    from chrysalis_kernels.visual_head_loss import visual_head_loss_sum
+    from torch.distributed.tensor import DTensor
+
+    weights = (head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias)
+    if any(isinstance(w, DTensor) for w in weights):
+        raise NotImplementedError("--fused-visual-head-loss does not support a tensor-parallel visual head; drop the "
+                                  "flag with --tensor-model-parallel-size > 1")
+    return visual_head_loss_sum(hidden, target, *weights)

@@ -19,7 +19,13 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model.attention import AttentionMask, build_attention_mask, key_padding_causal_mask
 from engine.model.llama import LayerKVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from engine.model.losses import mask_padded_vocab, text_cross_entropy_sum, visual_cosine_loss_sum
+from engine.model.losses import (
+    fused_text_cross_entropy_sum,
+    fused_visual_cosine_loss_sum,
+    mask_padded_vocab,
+    text_cross_entropy_sum,
+    visual_cosine_loss_sum,
+)
 
 IGNORE_INDEX = -100
 
@@ -268,9 +274,13 @@ class VPiTModel(nn.Module):
         flat_hidden = hidden.reshape(-1, hidden_size)  # [B*S, H]
         flat_labels = labels.reshape(-1)
         text_rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-        # Raw LM-head output: the cross-entropy masks the vocabulary padding itself (also vocabulary-parallel).
-        lm_sum = text_cross_entropy_sum(self.output(flat_hidden[text_rows]), flat_labels[text_rows],
-                                        self.config.real_vocab_size)
+        if self.config.fused_linear_cross_entropy:  # LM head + cross-entropy in chunks, no [N, V] logits
+            lm_sum = fused_text_cross_entropy_sum(flat_hidden[text_rows], self.output.weight, flat_labels[text_rows],
+                                                  self.config.real_vocab_size)
+        else:
+            # Raw LM-head output: the cross-entropy masks the vocabulary padding itself (also vocabulary-parallel).
+            lm_sum = text_cross_entropy_sum(self.output(flat_hidden[text_rows]), flat_labels[text_rows],
+                                            self.config.real_vocab_size)
         lm_tokens = text_rows.new_tensor(text_rows.numel())
 
         if visual_tokens is not None and visual_target_mask is not None:
@@ -281,7 +291,10 @@ class VPiTModel(nn.Module):
             predict_rows = text_rows.new_zeros(0)
         # Always through the head (possibly on zero rows) so its parameters get a (zero) gradient.
         with contextlib.nullcontext() if self.visual_loss_learns() else torch.no_grad():
-            visual_sum = visual_cosine_loss_sum(self.predict_visual(flat_hidden[predict_rows]), targets)
+            if self.config.fused_visual_head_loss:  # head activations recomputed in the backward
+                visual_sum = fused_visual_cosine_loss_sum(flat_hidden[predict_rows], targets, self.visual_head)
+            else:
+                visual_sum = visual_cosine_loss_sum(self.predict_visual(flat_hidden[predict_rows]), targets)
         visual_count = predict_rows.new_tensor(predict_rows.numel())
 
         lm_loss = lm_sum / lm_tokens.clamp(min=1)

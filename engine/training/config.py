@@ -255,6 +255,9 @@ class TrainingConfig:
         if self.use_distributed_optimizer and self.model_parallel:
             problems.append("--use-distributed-optimizer is supported with data parallelism only for now; with "
                             "tensor/pipeline parallelism use --data-parallel-sharding fsdp")
+        if self.model.fused_visual_head_loss and self.tensor_model_parallel_size > 1:
+            problems.append("--fused-visual-head-loss does not support a tensor-parallel visual head: drop it with "
+                            "--tensor-model-parallel-size > 1")
         if self.pipeline_layer_split:
             try:
                 [int(x) for x in self.pipeline_layer_split]
@@ -345,6 +348,11 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
                                                 "interleaved 1F1B with this many layers per virtual stage"),
     "--sequence-parallel": ("", "sequence_parallel", bool, "shard norm regions along the sequence (TP > 1)"),
     "--pipeline-layer-split": ("", "pipeline_layer_split", list, "layers per pipeline stage, e.g. 3 5"),
+    # Section "model": fields of ModelConfig that only change how the losses are computed (chrysalis_kernels).
+    "--fused-linear-cross-entropy": ("model", "fused_linear_cross_entropy", bool,
+                                     "LM head + cross-entropy in chunks, no [tokens, vocab] logits (Triton)"),
+    "--fused-visual-head-loss": ("model", "fused_visual_head_loss", bool,
+                                 "continuous-token head + cosine loss, activations recomputed in backward (Triton)"),
 }
 _CHOICES = {"--lr-decay-style": ["cosine", "linear", "constant"], "--data-parallel-sharding": ["none", "fsdp"],
             "--stage": [1, 2], "--exit-signal": ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"]}
@@ -416,14 +424,15 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
     if pre.config:
         parser.set_defaults(**_yaml_defaults(pre.config, parser))
     args = parser.parse_args(argv)
-    sections: dict[str, dict[str, Any]] = {"": {}, "data": {}, "optimizer": {}, "checkpoint": {}, "logging": {}}
+    sections: dict[str, dict[str, Any]] = {"": {}, "data": {}, "optimizer": {}, "checkpoint": {}, "logging": {},
+                                           "model": {}}
     for flag, (section, name, _, _) in _FLAGS.items():
         value = getattr(args, _dest(section, name))
         if value is not None:
             sections[section][name] = value
     if not args.model_preset and args.num_layers is None:
         args.model_preset = "tiny" if sections["data"].get("mock_data") else None
-    model = model_config_from_args(args)
+    model = model_config_from_args(args).replace(**sections.pop("model"))
     return TrainingConfig(
         model=model,
         vocab_size_from_flag=args.vocab_size is not None,
