@@ -25,9 +25,10 @@ GRAD_PARAMS = ["tok_embeddings.weight", "projector.fc1.weight", "layers.0.attent
 
 
 def harness_model_config(tie_embeddings: bool = False) -> ModelConfig:
-    return ModelConfig(vocab_size=256, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4,
-                       num_query_groups=2, seq_length=160, max_position_embeddings=512, visual_loss_coef=0.5,
-                       tie_embeddings=tie_embeddings)
+    # 251 real tokens padded to 256 rows: every layout also runs the vocabulary-padding mask.
+    return ModelConfig(vocab_size=256, real_vocab_size=251, hidden_size=64, ffn_hidden_size=128, num_layers=4,
+                       num_attention_heads=4, num_query_groups=2, seq_length=160, max_position_embeddings=512,
+                       visual_loss_coef=0.5, tie_embeddings=tie_embeddings)
 
 
 def synthetic_micro_batch(step: int, index: int, micro_batch_size: int, seq_len: int, vocab: int,
@@ -100,7 +101,7 @@ def main() -> None:
               "describe": model.describe()}
     for step in range(args.steps):
         with_images = step != args.no_images_step
-        mbs = [synthetic_micro_batch(step, i, args.micro_batch_size, config.seq_length, config.vocab_size,
+        mbs = [synthetic_micro_batch(step, i, args.micro_batch_size, config.seq_length, config.num_real_tokens,
                                      config.vision_dim, with_images)
                for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
         optimizer.zero_grad(set_to_none=True)
