@@ -12,6 +12,9 @@ Layout (TP size t, sequence length S):
 - projector and continuous-token head: fc1 column-parallel, fc2 row-parallel (replicated outputs).
 - `output` (LM head): column-parallel with the logits left sharded on the vocabulary, consumed by
   `engine.model.losses.text_cross_entropy_sum`'s vocabulary-parallel cross-entropy: no rank holds full logits.
+  The vocabulary is padded to a multiple of the TP size; each rank masks its padding columns (global id >=
+  `ModelConfig.real_vocab_size`) to -inf itself, so the loss does not depend on the TP size (a rank may hold only
+  padding). The embedding's padding rows are never looked up.
 - `--sequence-parallel`: RMSNorms run on [B, S/t, H] chunks; attention and MLP inputs are all-gathered and their
   row-parallel outputs reduce-scattered. The final norm's output is gathered so that loss rows can be selected.
 """
