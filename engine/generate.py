@@ -19,24 +19,16 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from engine.tokenizer import CHAT_TEMPLATES
 
-from engine.generation import (
-    GenerationResult,
-    PromptInput,
-    SamplingConfig,
-    VPiTGenerator,
-    build_prompt_encoder,
-    default_chat_template,
-    encode_images,
-    encode_prompt,
-    load_checkpoint_for_generation,
-    read_batch_file,
-)
-from engine.tokenizer import CHAT_TEMPLATES, stop_token_ids
+if TYPE_CHECKING:  # torch and the model are imported after argument parsing: `--help` stays fast
+    import torch
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    from engine.generation import GenerationResult, PromptInput
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # names of torch dtypes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +111,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _inputs(args) -> list[PromptInput]:
+    from engine.generation import PromptInput, read_batch_file
+
     if args.batch_file:
         if args.image or args.system:
             raise ValueError("--image and --system go with --prompt; put images in the batch file's 'images'")
@@ -129,13 +123,27 @@ def _inputs(args) -> list[PromptInput]:
 
 def run(args: argparse.Namespace) -> int:
     validate_args(args)
+    import torch
+
+    from engine.generation import (
+        SamplingConfig,
+        VPiTGenerator,
+        build_prompt_encoder,
+        default_chat_template,
+        encode_images,
+        encode_prompt,
+        load_checkpoint_for_generation,
+    )
+    from engine.tokenizer import stop_token_ids
+
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
         raise ValueError(f"--device {args.device}: {err}") from None
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
+                                                                     else torch.float32)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     if args.batch_size < 1:
@@ -143,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
     mesh, rank = _setup_tensor_parallel(args.tensor_model_parallel_size, device)
 
+    if rank == 0:
+        print(f"loading {args.load} on {device} ...", flush=True)
     loaded = load_checkpoint_for_generation(args.load, device=device, dtype=dtype, tokenizer_dir=args.tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
     if mesh is not None:
@@ -169,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
                               stop_ids=stop_token_ids(tokenizer, template), valid_vocab_size=tokenizer.vocab_size,
                               pad_id=tokenizer.pad_id, use_kv_cache=not args.no_kv_cache)
     # Similar lengths together (less padding); per-sample seeds make the grouping invisible in the results.
+    if rank == 0:
+        print(f"generating {len(prompts)} answer(s), up to {args.max_new_tokens} new positions each ...", flush=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
     results: list[GenerationResult | None] = [None] * len(prompts)
     for start in range(0, len(order), args.batch_size):
@@ -177,11 +189,27 @@ def run(args: argparse.Namespace) -> int:
             results[i] = result
     if rank == 0:
         write_outputs(Path(args.output), inputs, results, tokenizer, args)
+        print_outputs(Path(args.output))
     return 0
+
+
+def print_outputs(out: Path) -> None:
+    """Where each answer and picture went, one line per prompt."""
+    out = out.resolve()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    print(f"wrote {len(rows)} answer(s) to {out / 'results.jsonl'} (one JSON line per prompt, input order)")
+    for row in rows:
+        text = row["text"] if len(row["text"]) <= 100 else row["text"][:97] + "..."
+        print(f"  [{row['index']}] {json.dumps(text, ensure_ascii=False)}")
+        for name in row["rendered"]:
+            print(f"      picture: {out / name}")
+    images = sum(len(row["visual_tokens"]) for row in rows)
+    print(f"visual tokens of {images} generated image(s): {out / 'visual_tokens.safetensors'}")
 
 
 def write_outputs(out: Path, inputs: list[PromptInput], results: list[GenerationResult], tokenizer, args) -> None:
     """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/."""
+    import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +219,7 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
     if args.visualizer and tensors:
         from engine.visualizer import Visualizer
 
+        print(f"rendering {len(tensors)} picture(s) with {args.visualizer} ...", flush=True)
         visualizer = Visualizer.load(args.visualizer, device=args.device)
         (out / "images").mkdir(exist_ok=True)
         keys = list(tensors)
