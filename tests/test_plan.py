@@ -87,6 +87,55 @@ def test_activation_model_orders_recompute_choices():
         block_activation_bytes_per_token(cfg, tp) < none
 
 
+def _saved_bytes_per_token_of_last_block(cfg, bf16: bool, recompute: str) -> float:
+    """Bytes of the tensors autograd saves for the last block's backward, per token: the difference between batch 2
+    and batch 1 (parameters and their autocast copies do not grow with the batch), storages counted once across
+    the model (RoPE tables are saved by every block but belong to the first)."""
+    from engine.model import build_model
+
+    totals = []
+    for batch in (1, 2):
+        model = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
+        if recompute != "none":
+            from engine.parallel.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, recompute, -1)
+        seen: set[int] = set()
+        counted = {"bytes": 0, "on": False}
+        last = list(model.layers.values())[-1]
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                if counted["on"]:
+                    counted["bytes"] += storage.nbytes()
+            return t
+
+        last.register_forward_pre_hook(lambda *_: counted.__setitem__("on", True))
+        last.register_forward_hook(lambda *_: counted.__setitem__("on", False))
+        tokens = torch.randint(0, cfg.vocab_size - 1, (batch, cfg.seq_length))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(tokens, labels=tokens)
+        totals.append(counted["bytes"])
+    return (totals[1] - totals[0]) / cfg.seq_length
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_activation_formula_matches_saved_tensors_on_cpu(bf16, recompute):
+    """The per-block activation bytes the planner uses against what autograd actually saves (PyTorch's CPU flash
+    attention kernel, like FlashAttention on GPU, keeps no S x S scores), GQA and an odd FFN width."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, ffn_hidden_size=688, num_layers=3, num_attention_heads=8,
+                      num_query_groups=4, seq_length=128, max_position_embeddings=128)
+    layout = Layout(tp=1, pp=1, dp=1, micro_batch_size=1, global_batch_size=1, bf16=bf16, recompute=recompute)
+    measured = _saved_bytes_per_token_of_last_block(cfg, bf16, recompute)
+    assert block_activation_bytes_per_token(cfg, layout) == pytest.approx(measured, rel=0.02)
+
+
 def test_pipeline_in_flight_and_bubble():
     cfg = padded_model_config(preset("llama3.1-8b"), 1)
     plain = Layout(tp=1, pp=4, dp=2, micro_batch_size=1, global_batch_size=16)  # m = 8

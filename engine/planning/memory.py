@@ -14,17 +14,20 @@ rank). Bytes per element: fp32 master weights (4), fp32 gradients (4) for traina
 Activations (bytes per token per transformer block, a = 2 under bf16 autocast else 4, residual stream fp32,
 t = TP size, kv = KV heads x head dim, F = FFN width, FlashAttention-style kernels that keep no S x S scores):
 
-    none:       (16 H) / s  +  2 a H  +  a (2 H + 2 kv + 4 F) / t
-    selective:   4 H / s    +  a (H + kv + F) / t  +  a H / t  +  a H      (torchtitan's every-second-matmul policy)
+    none:       16 H / s  +  c a H  +  a (2 H + 2 kv + 4 F) / t
+    selective:   4 H / s  +  a (H + kv + F) / t  +  a H / t  +  a H      (torchtitan's every-second-matmul policy)
     full:        4 H / s                                                  (the block input only)
 
-where s = t with `--sequence-parallel`, else 1. The 16 H are the two RMSNorms' fp32 input and normalised output;
-2 a H their outputs as cast for the following matmuls (full size even under SP: DTensor saves the all-gathered
-input); then q, k, v, the attention output and SwiGLU's four F-wide tensors. A pipeline rank holds the
-activations of its in-flight micro-batches (1F1B: pp - rank; interleaved: torch's / Megatron's warm-up count,
-each chunk with its own layers). The last stage adds the LM head's logits for the labelled rows (bf16/fp32 logits,
-fp32 upcast and softmax: (a + 8) V / t bytes per labelled token) for one micro-batch; full recompute adds one
-block's activations while it is recomputed.
+where s = t with `--sequence-parallel`, else 1, and c = 5 under autocast (each of wq, wk, wv, w1, w3 saves its own
+bf16 cast of the normalised input: autocast caches casts of weights, not of activations), else 2 (the two norm
+outputs). The 16 H are the two RMSNorms' fp32 inputs and normalised outputs; then q and the attention output (2 H),
+k and v (2 kv), and SwiGLU's four F-wide tensors. `none` and `full` are measured on CPU by
+tests/test_plan.py (saved-tensor bytes per token of a block, fp32 and bf16, within 2%); `selective`'s cached outputs
+are not visible to saved-tensor hooks and are not validated. A pipeline rank holds the activations of its
+in-flight micro-batches (1F1B: pp - rank; interleaved: torch's warm-up count, each chunk with its own layers). The
+last stage adds the LM head's logits for the labelled rows (bf16/fp32 logits, fp32 upcast and softmax:
+(a + 8) V / t bytes per labelled token) for one micro-batch; full recompute adds one block's activations while it is
+recomputed.
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ def block_activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
         return 4 * h / s
     if layout.recompute == "selective":
         return 4 * h / s + a * (h + kv + f) / t + a * h / t + a * h
-    return 16 * h / s + 2 * a * h + a * (2 * h + 2 * kv + 4 * f) / t
+    casts = 5 if layout.bf16 else 2
+    return 16 * h / s + casts * a * h + a * (2 * h + 2 * kv + 4 * f) / t
 
 
 def full_block_activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
