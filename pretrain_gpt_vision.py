@@ -4,17 +4,23 @@
         --micro-batch-size 4 --global-batch-size 32 --train-iters 1000 --lr 3e-4 --stage 2 --save CKPT ...
 
 Exit status: 0 when training finished, stopped at `--exit-interval`, or was stopped by SIGTERM after saving;
-1 on a configuration error or after too many non-finite steps.
+1 on a configuration error or after too many non-finite steps; 2 on a flag argparse cannot read.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
-import torch.distributed as dist
+# Only the flag parser before parsing: `--help` and flag errors answer without importing torch or the model.
+from engine.training.config import parse_training_config
 
-from engine.training import TooManySkippedSteps, Trainer, build_device_mesh, parse_training_config
+
+def _say(message: str) -> None:
+    """A start-up progress line from the first process only (torchrun starts one per rank)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    start = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _say(f"starting: {world} process(es); importing torch and the model code ...")
+    import torch.distributed as dist
+
+    from engine.training import TooManySkippedSteps, Trainer, build_device_mesh
+
     try:
         info = build_device_mesh(parallel=config.parallel_config())
     except ValueError as err:
@@ -30,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     code = 0
     try:
+        _say(f"building the model and opening the data (TP {config.tensor_model_parallel_size} x PP "
+             f"{config.pipeline_model_parallel_size}; {time.perf_counter() - start:.1f} s so far) ...")
         trainer = Trainer(config, info)
+        _say(f"ready after {time.perf_counter() - start:.1f} s; training ...")
         trainer.train()
     except (ValueError, TooManySkippedSteps) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,10 +6,21 @@ trainer, metrics. The entry point is `pretrain_gpt_vision.py`; see docs/training
     Trainer(config, info).train()
 """
 
-from engine.training.config import TrainingConfig, parse_training_config
-from engine.training.data import Batch, BlendedSamples, SyntheticDataset, collate_packed
-from engine.training.parallel import ParallelInfo, build_device_mesh
-from engine.training.trainer import TooManySkippedSteps, Trainer
+# Names are imported on first use (PEP 562), so `from engine.training.config import ...` (the flag parser) does not
+# pull in torch, the model and the data stack: `pretrain_gpt_vision.py --help` answers in well under a second.
+_EXPORTS = {
+    "TrainingConfig": "config", "parse_training_config": "config",
+    "Batch": "data", "BlendedSamples": "data", "SyntheticDataset": "data", "collate_packed": "data",
+    "ParallelInfo": "parallel", "build_device_mesh": "parallel",
+    "TooManySkippedSteps": "trainer", "Trainer": "trainer",
+}
 
-__all__ = ["Batch", "BlendedSamples", "ParallelInfo", "SyntheticDataset", "TooManySkippedSteps", "Trainer",
-           "TrainingConfig", "build_device_mesh", "collate_packed", "parse_training_config"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"engine.training.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
