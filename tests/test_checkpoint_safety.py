@@ -306,3 +306,21 @@ def test_generate_refuses_a_tokenizer_with_another_fingerprint(tmp_path, capsys)
     assert load_saved_tokenizer(ck / "tokenizer").fingerprint() == right.fingerprint()
     assert generate.main([*args, "--tokenizer", str(ck / "tokenizer")]) == 0
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_weights_only_load_of_a_training_checkpoint_is_strict_unless_load_partial(saved, capsys):
+    """--finetune of the 2-layer training checkpoint into a 3-layer model: refused naming the field; with
+    --load-partial the two layers load and layer 2 is listed as left initialised."""
+    flags = [f for f in TINY]
+    flags[flags.index("--num-layers") + 1] = "3"
+    run = [*flags, "--train-iters", "1", "--finetune", "--load", str(saved)]
+    assert pretrain_gpt_vision.main(run) == 1
+    assert "model field num_layers is 2 in the checkpoint but 3 in this run" in capsys.readouterr().err
+    logs = []
+    t = Trainer(parse_training_config([*run, "--load-partial"]), build_device_mesh(), log=logs.append)
+    left = sorted(m.split()[1] for m in logs if "left initialised" in m)
+    assert left == sorted(k for k in t.core_model.state_dict() if k.startswith("layers.2."))
+    source = Trainer(parse_training_config([*TINY, "--train-iters", "2", "--finetune", "--load", str(saved)]),
+                     build_device_mesh(), log=lambda m: None).core_model.state_dict()
+    mine = t.core_model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in source.items() if not k.startswith("layers.2."))
