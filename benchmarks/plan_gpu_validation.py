@@ -16,12 +16,12 @@ predicted / measured compute time of the no-recompute run. Load average, version
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,8 +71,7 @@ def run_one(args, recompute: str, micro_batch: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    times = [b - a for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])] if args.warmup else \
-        [b - a for a, b in zip(stamps, stamps[1:])]
+    times = [b - a for a, b in itertools.pairwise(stamps[max(0, args.warmup - 1):])]
     measured_step = statistics.median(times)
 
     cfg = trainer.model_config

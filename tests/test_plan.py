@@ -13,7 +13,16 @@ import torch
 
 from engine.config import preset
 from engine.plan import main as plan_main
-from engine.planning import Calibration, Layout, TrainerSupport, gpu_spec, launch_flags, peak_memory, rank_state, step_time
+from engine.planning import (
+    Calibration,
+    Layout,
+    TrainerSupport,
+    gpu_spec,
+    launch_flags,
+    peak_memory,
+    rank_state,
+    step_time,
+)
 from engine.planning.layout import enumerate_layouts, padded_model_config
 from engine.planning.memory import block_activation_bytes_per_token, in_flight_chunks
 from tests.distributed_launch import REPO
@@ -87,39 +96,41 @@ def test_activation_model_orders_recompute_choices():
         block_activation_bytes_per_token(cfg, tp) < none
 
 
-def _saved_bytes_per_token_of_last_block(cfg, bf16: bool, recompute: str) -> float:
-    """Bytes of the tensors autograd saves for the last block's backward, per token: the difference between batch 2
-    and batch 1 (parameters and their autocast copies do not grow with the batch), storages counted once across
-    the model (RoPE tables are saved by every block but belong to the first)."""
+def _saved_bytes_of_last_block(cfg, bf16: bool, recompute: str, batch: int) -> int:
+    """Bytes of the storages autograd saves for the last block's backward, each storage counted once across the
+    model (RoPE tables are saved by every block but belong to the first)."""
     from engine.model import build_model
 
-    totals = []
-    for batch in (1, 2):
-        model = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
-        if recompute != "none":
-            from engine.parallel.activation_checkpointing import apply_activation_checkpointing
+    model = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
+    if recompute != "none":
+        from engine.parallel.activation_checkpointing import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model, recompute, -1)
-        seen: set[int] = set()
-        counted = {"bytes": 0, "on": False}
-        last = list(model.layers.values())[-1]
+        apply_activation_checkpointing(model, recompute, -1)
+    seen: set[int] = set()
+    counted = {"bytes": 0, "on": False}
+    last = list(model.layers.values())[-1]
 
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                if counted["on"]:
-                    counted["bytes"] += storage.nbytes()
-            return t
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            if counted["on"]:
+                counted["bytes"] += storage.nbytes()
+        return t
 
-        last.register_forward_pre_hook(lambda *_: counted.__setitem__("on", True))
-        last.register_forward_hook(lambda *_: counted.__setitem__("on", False))
-        tokens = torch.randint(0, cfg.vocab_size - 1, (batch, cfg.seq_length))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(tokens, labels=tokens)
-        totals.append(counted["bytes"])
-    return (totals[1] - totals[0]) / cfg.seq_length
+    last.register_forward_pre_hook(lambda *_: counted.__setitem__("on", True))
+    last.register_forward_hook(lambda *_: counted.__setitem__("on", False))
+    tokens = torch.randint(0, cfg.vocab_size - 1, (batch, cfg.seq_length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(tokens, labels=tokens)
+    return counted["bytes"]
+
+
+def _saved_bytes_per_token_of_last_block(cfg, bf16: bool, recompute: str) -> float:
+    """Per token: batch 2 minus batch 1 (parameters and their autocast copies do not grow with the batch)."""
+    one, two = (_saved_bytes_of_last_block(cfg, bf16, recompute, batch) for batch in (1, 2))
+    return (two - one) / cfg.seq_length
 
 
 @pytest.mark.parametrize("bf16", [False, True])

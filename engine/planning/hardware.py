@@ -95,6 +95,7 @@ def gpu_spec(name: str, *, intra_node_gbs: float | None = None, inter_node_gbs: 
     if name not in GPUS:
         raise ValueError(f"unknown --gpu {name!r}; choose one of {', '.join(GPUS)}")
     spec = GPUS[name]
-    changes = {k: v for k, v in dict(intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs,
-                                     gpus_per_node=gpus_per_node, memory_gib=memory_gib).items() if v is not None}
+    given = {"intra_node_gbs": intra_node_gbs, "inter_node_gbs": inter_node_gbs, "gpus_per_node": gpus_per_node,
+             "memory_gib": memory_gib}
+    changes = {k: v for k, v in given.items() if v is not None}
     return replace(spec, **changes)

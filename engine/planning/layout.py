@@ -10,8 +10,9 @@ trainer refuses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 from engine.config import ModelConfig
 from engine.parallel.config import ParallelConfig, validate_parallel_config
@@ -43,7 +44,7 @@ class TrainerSupport:
     distributed_optimizer_model_parallel: bool = False
 
     @classmethod
-    def current(cls) -> "TrainerSupport":
+    def current(cls) -> TrainerSupport:
         """Read from the code: the training CLI's flags, and whether the model-parallel wrapper takes an autocast
         dtype (`ParallelVPiT(autocast_dtype=...)`, which is how the trainer runs --bf16 under TP/PP)."""
         import inspect

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from engine.config import ModelConfig
 from engine.parallel.pipeline import pipeline_layer_split, stage_ids_for_rank
-from engine.planning.hardware import GiB, Calibration
+from engine.planning.hardware import Calibration, GiB
 from engine.planning.layout import Layout
 
 FP32 = 4
@@ -68,7 +68,8 @@ def stage_tensors(cfg: ModelConfig, layer_ids: list[int], *, first: bool, last: 
                   TensorSpec(p + "attention.wq.weight", (q, h), 0), TensorSpec(p + "attention.wk.weight", (kv, h), 0),
                   TensorSpec(p + "attention.wv.weight", (kv, h), 0), TensorSpec(p + "attention.wo.weight", (h, q), 1),
                   TensorSpec(p + "ffn_norm.weight", (h,), None),
-                  TensorSpec(p + "feed_forward.w1.weight", (f, h), 0), TensorSpec(p + "feed_forward.w3.weight", (f, h), 0),
+                  TensorSpec(p + "feed_forward.w1.weight", (f, h), 0),
+                  TensorSpec(p + "feed_forward.w3.weight", (f, h), 0),
                   TensorSpec(p + "feed_forward.w2.weight", (h, f), 1)]
     if last:
         specs.append(TensorSpec("norm.weight", (h,), None))

@@ -85,7 +85,8 @@ def step_time(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, calibration: Calib
     linear_fwd = 2 * p_block / t  # per token
     attn_fwd = 2 * s * h / t
     recompute_linear = {"none": 0.0, "full": linear_fwd,
-                        "selective": 2 * (h * kv + h * cfg.num_attention_heads * cfg.head_dim + h * cfg.ffn_hidden_size) / t}
+                        # torchtitan's policy recomputes every second block matmul: wk, wo, w3.
+                        "selective": 2 * h * (kv + cfg.num_attention_heads * cfg.head_dim + cfg.ffn_hidden_size) / t}
     recompute_attn = attn_fwd if layout.recompute == "full" else 0.0
     linear_flops = 3 * linear_fwd + recompute_linear[layout.recompute]
     attn_flops = 3 * attn_fwd + recompute_attn

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "lr":
             base = BASE[args.stage]
-            print(f"{scaled_lr(base['lr'], base['global_batch_size'], args.global_batch_size or base['global_batch_size']):.6g}")
+            batch = args.global_batch_size or base["global_batch_size"]
+            print(f"{scaled_lr(base['lr'], base['global_batch_size'], batch):.6g}")
             return 0
         pairs = blend(args.root, args.by, args.weights, _mapping(args.map), args.allow_missing)
         if args.command == "blend":
