@@ -91,13 +91,14 @@ def _row_line(rank: int, row: dict) -> str:
     layout, mem, t = row["layout"], row["memory"].gib(), row["time"]
     return (f"{rank:>3} {layout.describe():<26} {layout.micro_batch_size:>3} {layout.num_microbatches:>4} "
             f"{layout.recompute:<9} {'fp8' if layout.fp8 else ('bf16' if layout.bf16 else 'fp32'):<4} "
+            f"{'fce' if layout.fused_ce else '-':<3} "
             f"{mem['params']:>6.1f} {mem['grads']:>6.1f} {mem['optimizer']:>6.1f} {mem['activations']:>6.1f} "
             f"{mem['transient'] + mem['overhead']:>6.1f} {mem['total']:>6.1f} {t.step_s:>8.2f} "
             f"{100 * t.bubble_fraction:>5.1f} {100 * row['mfu']:>5.1f} {row['tokens_per_s_per_gpu']:>8.0f}")
 
 
-HEADER = ("  # layout                     mbs    m recompute prec params  grads  optim   acts  other  total   step s "
-          "bubbl   MFU tok/s/gpu\n" + " " * 62 + "(GiB per GPU, worst pipeline rank)" + " " * 10 + "%     %")
+HEADER = ("  # layout                     mbs    m recompute prec ce  params  grads  optim   acts  other  total   step s "
+          "bubbl   MFU tok/s/gpu\n" + " " * 66 + "(GiB per GPU, worst pipeline rank)" + " " * 10 + "%     %")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = max(1, args.gpus // gpu.gpus_per_node)
     per_node = min(args.gpus, gpu.gpus_per_node)
     print(f"\nbest: {best.describe()}, micro-batch {best.micro_batch_size}, recompute {best.recompute}, "
-          f"{'FP8' if best.fp8 else ('bf16' if best.bf16 else 'fp32')}")
+          f"{'FP8' if best.fp8 else ('bf16' if best.bf16 else 'fp32')}"
+          f"{', fused LM head + cross-entropy' if best.fused_ce else ''}")
     print(f"  torchrun --nnodes {nodes} --nproc-per-node {per_node} pretrain_gpt_vision.py " + " ".join(flags)
           + " --data-path ... --train-iters ...")
     if nodes > 1:

@@ -147,6 +147,22 @@ def test_activation_formula_matches_saved_tensors_on_cpu(bf16, recompute):
     assert block_activation_bytes_per_token(cfg, layout) == pytest.approx(measured, rel=0.02)
 
 
+def test_fused_cross_entropy_trades_logits_memory_for_a_head_recompute():
+    from engine.training import parse_training_config
+
+    cfg = padded_model_config(preset("llama3.1-8b"), 1)
+    plain = Layout(tp=1, pp=1, dp=8, micro_batch_size=2, global_batch_size=16, sharding="fsdp")
+    fused = replace(plain, fused_ce=True)
+    cal, gpu = Calibration(), gpu_spec("h100-80gb")
+    saved = peak_memory(cfg, plain, cal).transient - peak_memory(cfg, fused, cal).transient
+    # [2 x 4096, 128384] logits at (2 + 8) bytes, less one chunk of 2**27 logits: about 9.5 GB.
+    assert saved == pytest.approx(10 * (2 * 4096 * cfg.vocab_size - 2**27), rel=1e-9)
+    assert step_time(cfg, fused, gpu, cal).step_s > step_time(cfg, plain, gpu, cal).step_s
+    flags = launch_flags(fused, model_preset="llama3.1-8b", seq_length=4096)
+    assert "--fused-linear-cross-entropy" in flags
+    assert parse_training_config([*flags, "--mock-data"]).model.fused_linear_cross_entropy
+
+
 def test_pipeline_in_flight_and_bubble():
     cfg = padded_model_config(preset("llama3.1-8b"), 1)
     plain = Layout(tp=1, pp=4, dp=2, micro_batch_size=1, global_batch_size=16)  # m = 8

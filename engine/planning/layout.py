@@ -71,6 +71,8 @@ class Layout:
             once per step).
         recompute: activation checkpointing of every block: `full` or `selective` (per op type).
         bf16: bf16 autocast with fp32 master weights; otherwise fp32 throughout.
+        fused_ce: `--fused-linear-cross-entropy` (LM head + cross-entropy in chunks: no [N, V] logits kept, the
+            chunk's logits recomputed in backward).
     """
 
     tp: int
@@ -84,6 +86,7 @@ class Layout:
     recompute: Recompute = "none"
     fp8: bool = False
     bf16: bool = True
+    fused_ce: bool = False
 
     @property
     def gpus(self) -> int:
@@ -162,6 +165,7 @@ def enumerate_layouts(model: ModelConfig, gpus: int, global_batch_size: int, gpu
             if support.has("--recompute-granularity") and (not model_parallel or support.fast_paths_model_parallel):
                 recomputes.append("selective")
             bf16 = not model_parallel or support.bf16_model_parallel
+            fused_ce_options = [False] + ([True] if support.has("--fused-linear-cross-entropy") else [])
             for vpp in vpp_options:
                 for mbs in micro:
                     m = global_batch_size // (mbs * dp)
@@ -179,10 +183,11 @@ def enumerate_layouts(model: ModelConfig, gpus: int, global_batch_size: int, gpu
                                 for fp8 in fp8_options:
                                     if fp8 and (not bf16 or (model_parallel and not support.fast_paths_model_parallel)):
                                         continue
-                                    yield Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs,
-                                                 global_batch_size=global_batch_size, vpp_layers=vpp,
-                                                 sequence_parallel=sp, sharding=sharding, recompute=recompute,
-                                                 fp8=fp8, bf16=bf16), cfg
+                                    for fused_ce in fused_ce_options:
+                                        yield Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs,
+                                                     global_batch_size=global_batch_size, vpp_layers=vpp,
+                                                     sequence_parallel=sp, sharding=sharding, recompute=recompute,
+                                                     fp8=fp8, bf16=bf16, fused_ce=fused_ce), cfg
 
 
 def launch_flags(layout: Layout, *, model_preset: str | None, seq_length: int) -> list[str]:
@@ -211,4 +216,6 @@ def launch_flags(layout: Layout, *, model_preset: str | None, seq_length: int) -
         flags.append("--bf16")
     if layout.fp8:
         flags += ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
+    if layout.fused_ce:
+        flags.append("--fused-linear-cross-entropy")
     return flags

@@ -26,7 +26,8 @@ tests/test_plan.py (saved-tensor bytes per token of a block, fp32 and bf16, with
 are not visible to saved-tensor hooks and are not validated. A pipeline rank holds the activations of its
 in-flight micro-batches (1F1B: pp - rank; interleaved: torch's warm-up count, each chunk with its own layers). The
 last stage adds the LM head's logits for the labelled rows (bf16/fp32 logits, fp32 upcast and softmax:
-(a + 8) V / t bytes per labelled token) for one micro-batch; full recompute adds one block's activations while it is
+(a + 8) V / t bytes per labelled token; with --fused-linear-cross-entropy one chunk of at most 2^27 logits) for one
+micro-batch; full recompute adds one block's activations while it is
 recomputed.
 """
 
@@ -42,6 +43,7 @@ from engine.planning.hardware import Calibration, GiB
 from engine.planning.layout import Layout
 
 FP32 = 4
+FUSED_CE_CHUNK_LOGITS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,10 @@ def rank_peak_memory(cfg: ModelConfig, layout: Layout, pp_rank: int, calibration
     transient = 0.0
     if has_last:
         labelled = loss_token_fraction * tokens
-        transient += labelled * (a * cfg.hidden_size + (a + 8) * cfg.vocab_size / layout.tp) \
-            + tokens * 8 * cfg.hidden_size / s
+        logits = labelled * cfg.vocab_size / layout.tp
+        if layout.fused_ce:  # one chunk of at most 2**27 logits at a time (chrysalis_kernels.linear_cross_entropy)
+            logits = min(logits, FUSED_CE_CHUNK_LOGITS)
+        transient += labelled * a * cfg.hidden_size + (a + 8) * logits + tokens * 8 * cfg.hidden_size / s
     if layout.recompute != "none":
         transient += full_block_activation_bytes_per_token(cfg, layout) * tokens
     param_bytes = 2 if layout.bf16 else 4

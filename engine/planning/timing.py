@@ -6,7 +6,7 @@ Compute (per token, per transformer block; t = TP size):
                                                    QK^T + AV's 4 S H, i.e. the FLOPs a FlashAttention kernel runs)
     backward = 2 x forward;  full recompute adds 1 forward; selective adds the recomputed matmuls (wk, wo, w3)
 
-plus the LM head on labelled rows (6 H V / t each) and the projector / continuous-token head on the first / last
+plus the LM head on labelled rows (6 H V / t each, 8 with the fused cross-entropy, which recomputes logits) and the projector / continuous-token head on the first / last
 stage. Matmul FLOPs run at `efficiency x peak` (bf16 peak with --bf16, the fp32 peak otherwise); with FP8 the
 block linears run at `efficiency x fp8_relative_efficiency x fp8 peak`.
 
@@ -91,7 +91,9 @@ def step_time(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, calibration: Calib
     linear_flops = 3 * linear_fwd + recompute_linear[layout.recompute]
     attn_flops = 3 * attn_fwd + recompute_attn
     block_s = tokens * (linear_flops / (fp8_peak if layout.fp8 else peak) + attn_flops / peak)
-    head_flops = 6 * h * v_size / t * loss_token_fraction + 6 * (h * h + h * cfg.vision_dim) / t
+    # The fused LM head + cross-entropy recomputes each chunk's logits in backward: one more head forward.
+    head_passes = 8 if layout.fused_ce else 6
+    head_flops = head_passes * h * v_size / t * loss_token_fraction + 6 * (h * h + h * cfg.vision_dim) / t
     embed_flops = 6 * (cfg.vision_dim * h + h * h) / t
 
     tp_bw, pp_bw, dp_bw = (group_bandwidth(layout, gpu, d) for d in ("tp", "pp", "dp"))
