@@ -598,18 +598,22 @@ def find_resumable(load_dir: str | Path, *, verify: bool, info: ParallelInfo,
     saved first. Checkpoint numbers of different runs are never compared.
     """
     load_dir = Path(load_dir)
+    others = 0
     if (load_dir / RECORD).exists() or _iteration_of(load_dir) is not None:
         candidates = [load_dir]
         latest = None
     else:
         dirs = _checkpoint_dirs(load_dir)
         latest = _read_latest(load_dir, log)
-        if latest is not None:
-            run = _owner(latest)
-            same_run = [p for p in dirs if p == latest or (run is not None and _owner(p) == run)]
+        run = _owner(latest) if latest is not None else None
+        if run is not None:
+            same_run = [p for p in dirs if p == latest or _owner(p) == run]
             candidates = sorted(same_run, key=lambda p: (_iteration_of(p), p == latest), reverse=True)
-        else:
+            others = len(dirs) - len(same_run)
+        else:  # no valid latest, or one whose run cannot be read: every checkpoint, most recently saved first
             candidates = sorted(dirs, key=_saved_at, reverse=True)
+            if latest is not None:
+                candidates = [latest] + [p for p in candidates if p != latest]
     skipped = []
     for path in candidates:
         reason = check_checkpoint(path, verify, info)
@@ -625,8 +629,10 @@ def find_resumable(load_dir: str | Path, *, verify: bool, info: ParallelInfo,
         log(f"WARNING: checkpoint {bad} is unusable: {why}")
     if skipped:
         newest, why = skipped[0]
+        hint = (f"; {others} checkpoint(s) of other runs are not considered: pass one as --load {load_dir}/iter_..."
+                if others else "")
         raise CheckpointError(f"no usable checkpoint in {load_dir}: all {len(skipped)} candidate(s) are incomplete "
-                              f"or corrupt (newest {newest.name}: {why})")
+                              f"or corrupt (newest {newest.name}: {why}){hint}")
     return None
 
 
