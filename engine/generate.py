@@ -94,8 +94,8 @@ def _check_utf8(path: str) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """Flag values that argparse's types accept but generation cannot use (nan, inf, out of range)."""
     checks = [
-        (math.isfinite(args.temperature) and args.temperature >= 0, f"--temperature must be a finite number >= 0 "
-                                                                   f"(0 = greedy), got {args.temperature}"),
+        (math.isfinite(args.temperature) and args.temperature >= 0,
+         f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"),
         (math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),

@@ -19,9 +19,8 @@ from engine import generate
 from engine.checkpoint_io import save_model_checkpoint
 from engine.config import ModelConfig
 from engine.model import build_model
-from engine.training import Trainer, build_device_mesh, parse_training_config
+from engine.training import Trainer, build_device_mesh, export, parse_training_config
 from engine.training import checkpoint as ckpt
-from engine.training import export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

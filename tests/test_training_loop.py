@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pretrain_gpt_vision
-from engine.training import Trainer, TooManySkippedSteps, build_device_mesh, parse_training_config
+from engine.training import TooManySkippedSteps, Trainer, build_device_mesh, parse_training_config
 from engine.training import checkpoint as ckpt
 
 TINY = ["--mock-data", "--mock-data-sequences", "64", "--num-layers", "2", "--hidden-size", "32",

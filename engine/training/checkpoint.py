@@ -40,8 +40,9 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # record (of every save, or of the save of ITERATION), so a test can SIGKILL the trainer in the middle of a save.
 _TEST_SLEEP_ENV = "CHRYSALIS_TEST_SLEEP_IN_SAVE"
 
-__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "LATEST", "RECORD", "check_checkpoint", "checkpoint_name",
+__all__ = ["FORMAT", "FORMAT_VERSION", "LATEST", "RECORD", "CheckpointError", "check_checkpoint", "checkpoint_name",
            "find_resumable", "load_checkpoint", "load_model_weights", "model_config_mismatches", "new_run_id",
            "prune", "read_record", "resume_run_id", "save_checkpoint"]
 
