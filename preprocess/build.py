@@ -127,5 +127,8 @@ def _run(config: BuildConfig, collective: Collective, tokenizer, encoder: dict, 
             files.update(part)
         manifest = write_manifest(out, config, state, tokenizer, summaries, keeps, row_hashes, files)
         print_summary(out, manifest, summaries, time.monotonic() - started)
+        if manifest["counts"]["samples_read"] and not manifest["counts"]["samples_written"]:
+            print(f"warning: every record was skipped: {out} holds no sequences (see rejects.jsonl)",
+                  file=sys.stderr)
     collective.barrier()
     return collective.bcast(manifest)

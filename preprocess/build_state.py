@@ -162,6 +162,10 @@ def prepare(config: BuildConfig, tokenizer, encoder: dict) -> tuple[dict, Output
             plan = plan_input(path, file_index, config.samples_per_shard, shard)
             plans.append(plan)
             shard += len(plan.tasks)
+            if plan.records == 0:
+                print(f"warning: --input {path} holds no records (empty, or only blank lines)", file=sys.stderr)
+        if sum(plan.records for plan in plans) == 0:
+            print("warning: the inputs hold no records: the build will be empty (no shards)", file=sys.stderr)
         state = {
             "kind": BUILD_KIND,
             "format_version": FORMAT_VERSION,

@@ -63,7 +63,7 @@ def test_manifest_counts_and_keys(build):
     assert manifest["skipped"] == {}
     assert manifest["shards"][0]["tokens"] == "shards/shard-00000"
     assert manifest["tokenizer"]["fingerprint"] and manifest["vision_encoder"]["fingerprint"]
-    assert manifest["vision_encoder"]["decoder"] == "pil"
+    assert manifest["vision_encoder"]["decoder"] == factory.decoder_name()
     assert 0 < manifest["packing_efficiency"] <= 1
     assert all(len(digest) == 64 for digest in manifest["sha256"].values())
 
@@ -145,7 +145,7 @@ def test_embeddings_equal_direct_encoder_call(build, data):
         if path.is_file():
             by_hash[hashlib.sha256(path.read_bytes()).digest()] = path.read_bytes()
     blobs = [by_hash[digest] for digest in index["sha256"].tolist()]
-    encoder = build_vision_encoder("tiny-random", device="cpu", decoder="pil")
+    encoder = build_vision_encoder("tiny-random", device="cpu", decoder=factory.decoder())
     direct = encoder.encode_images(blobs, batch_size=32)  # the build's batch composition: one shard, batch 32
     stored = reader.embeddings(np.arange(len(blobs)))
     assert stored.dtype == torch.bfloat16 and stored.shape == (len(blobs), TOKENS_PER_IMAGE, VISION_DIM)
@@ -341,7 +341,7 @@ def test_bundled_sample_dataset_builds(tmp_path):
     args = ["build", "--input", str(sample / "samples.jsonl"), "--input", str(sample / "bad_samples.jsonl"),
             "--image-root", str(sample / "images"), "--tokenizer-type", "tiktoken",
             "--tokenizer-model", str(repo / "examples" / "data" / "tokenizer" / "tokenizer.model"),
-            "--vision-encoder", "tiny-random", "--image-decoder", "pil", "--seq-length", "1024",
+            "--vision-encoder", "tiny-random", "--image-decoder", factory.decoder(), "--seq-length", "1024",
             "--output", str(out), "--no-progress"]
     assert factory.run_cli(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,0 +1,375 @@
+"""Faults and hostile input around a build (issue 15): resume only on our own builds, a lock against two builds,
+no mixing of encoders, a dead worker, one-line errors, finite embeddings, a UTF-8 BOM, empty inputs, image
+bombs, and a readable summary."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "preprocess"))
+import preprocess_factory as factory  # noqa: E402
+
+from preprocess.build import CRASH_DURING_SHARD_ENV, KILL_WORKER_AT_SHARD_ENV  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QA = {"id": "q", "image": "photos/coffee.jpg", "conversations": [
+    {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]}
+TEXT = {"id": "t", "conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi there."}]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("failures")
+    factory.write_images(root / "images")
+    inputs = factory.write_jsonl(root / "families.jsonl", factory.FAMILY_RECORDS)
+    tokenizer = factory.make_tokenizer(root / "tokenizer")
+    return root, inputs, tokenizer
+
+
+def _args(data, out, *extra, inputs=None):
+    root, default_inputs, tokenizer = data
+    return factory.build_args(inputs or default_inputs, out, tokenizer, root / "images", *extra)
+
+
+def _run(args, env_extra=None, timeout=240):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr  # one line, no traceback
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The family records in 3-record shards (3 shards), built without interruption."""
+    out = data[0] / "reference"
+    assert factory.run_cli(_args(data, out, "--samples-per-shard", "3")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def text(data):
+    """Text-only records in 3 shards, and their uninterrupted build. Builds of text never import torch, so the
+    interrupted builds below run as subprocesses in a fraction of a second (the encoder is still described and
+    fingerprinted: from its files)."""
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Question {i}?"},
+                                                 {"from": "gpt", "value": "Answer " + "word " * i}]}
+               for i in range(9)]
+    inputs = factory.write_jsonl(data[0] / "text.jsonl", records)
+    out = data[0] / "text-reference"
+    assert factory.run_cli(_args(data, out, "--samples-per-shard", "3", inputs=inputs)) == 0
+    return inputs, out
+
+
+def _text_args(data, text, out, *extra):
+    return _args(data, out, "--samples-per-shard", "3", *extra, inputs=text[0])
+
+
+# -- 5. --resume acts only on our builds; a lock against two builds ---------------------------------------
+def test_resume_refuses_a_folder_that_was_never_a_build_and_touches_nothing(data, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "parts").mkdir(parents=True)
+    (out / "notes.tmp").write_text("my notes")
+    (out / "parts" / "draft.tmp").write_text("my draft")
+    (out / "build.json").write_text('{"my": "own build.json"}')
+    (out / "shards").mkdir()
+    (out / "shards" / "x.bin.tmp").write_bytes(b"\x00" * 10)
+    before = factory.tree_bytes(out)
+    capsys.readouterr()
+    assert factory.run_cli(_args(data, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "holds no build of ours" in err and "nothing was changed" in err
+    assert factory.tree_bytes(out) == before
+    # Without --resume the refusal does not recommend --resume for a folder that is not ours.
+    assert factory.run_cli(_args(data, out)) == 2
+    assert "--resume" not in capsys.readouterr().err.replace("--resume only", "")
+    assert factory.tree_bytes(out) == before
+
+
+def test_resume_on_an_empty_folder_starts_a_new_build(data, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert factory.run_cli(_args(data, out, "--resume", inputs=factory.write_jsonl(tmp_path / "t.jsonl", [TEXT]))) == 0
+    assert "nothing to resume" in capsys.readouterr().err
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_locked_output_folder_is_refused(data, text, tmp_path, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
+        capsys.readouterr()
+        assert factory.run_cli(_text_args(data, text, out)) == 2
+        assert "another build is running" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    assert factory.run_cli(_text_args(data, text, out)) == 0
+
+
+def test_two_builds_on_one_folder_at_once(data, text, tmp_path):
+    out = tmp_path / "race"
+    out.mkdir()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "preprocess", *_text_args(data, text, out)]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    results = sorted((process.wait(timeout=240), process.stderr.read()) for process in (first, second))
+    assert [code for code, _ in results] == [0, 2], results
+    loser = _error_line(results[1][1])
+    assert "another build is running" in loser or "already holds a finished build" in loser
+    assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
+
+
+# -- 6. a resumed build never mixes encoders or decoders ----------------------------------------------------
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    import torch
+
+    config = SiglipVisionConfig(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("siglip") / "siglip"
+    SiglipVisionModel(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_resume_with_changed_encoder_weights_is_refused(data, text, siglip_dir, tmp_path):
+    encoder = tmp_path / "siglip"
+    shutil.copytree(siglip_dir, encoder)
+    out = tmp_path / "out"
+    args = _text_args(data, text, out)
+    args[args.index("tiny-random")] = str(encoder)
+    crashed = _run(args, {CRASH_DURING_SHARD_ENV: "1"})
+    assert crashed.returncode == 17, crashed.stderr
+    weights = encoder / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    before = factory.tree_bytes(out)
+    resumed = _run([*args, "--resume"])
+    assert resumed.returncode == 2
+    line = _error_line(resumed.stderr)
+    assert "image encoder differs" in line and "weights differ" in line
+    assert factory.tree_bytes(out) == before  # the finished part is kept, nothing was redone
+
+
+def test_resume_after_dali_became_importable_is_refused(data, text, tmp_path):
+    from engine.data.image_decode import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed: pip install -e .[dali] (CI installs it)")
+    hide = tmp_path / "hide-dali"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None  # DALI not installed\n")
+    out = tmp_path / "out"
+    args = _text_args(data, text, out)
+    args[args.index("--image-decoder") + 1] = "auto"
+    crashed = _run(args, {CRASH_DURING_SHARD_ENV: "1", "PYTHONPATH": f"{hide}{os.pathsep}{REPO}"})
+    assert crashed.returncode == 17, crashed.stderr
+    assert json.loads((out / "build.json").read_text())["vision_encoder"]["decoder"] == "pil"
+    resumed = _run([*args, "--resume"])  # DALI importable now: auto would pick it
+    assert resumed.returncode == 2
+    assert "decoder 'pil' -> 'dali-cpu'" in _error_line(resumed.stderr)
+
+
+def test_every_part_records_its_encoder_and_a_foreign_part_is_refused(data, text, tmp_path):
+    out = tmp_path / "out"
+    args = _text_args(data, text, out)
+    crashed = _run(args, {CRASH_DURING_SHARD_ENV: "1"})
+    assert crashed.returncode == 17, crashed.stderr
+    part_path = out / "parts" / "shard-00000.json"
+    part = json.loads(part_path.read_text())
+    state = json.loads((out / "build.json").read_text())
+    assert part["vision_encoder"] == state["vision_encoder"]["fingerprint"]
+    part["vision_encoder"] = "0" * 64  # a part made by another encoder
+    part_path.write_text(json.dumps(part, sort_keys=True))
+    resumed = _run([*args, "--resume"])
+    assert resumed.returncode == 2
+    assert "parts/shard-00000.json" in _error_line(resumed.stderr)
+
+
+# -- 8. a killed worker ends the build with a message; the folder resumes --------------------------------
+def test_a_killed_worker_stops_the_build_which_then_resumes(data, text, tmp_path):
+    out = tmp_path / "out"
+    args = _text_args(data, text, out, "--workers", "2")
+    killed = _run(args, {KILL_WORKER_AT_SHARD_ENV: "1"}, timeout=180)  # the old pool waited here forever
+    assert killed.returncode == 3, killed.stderr
+    line = _error_line(killed.stderr)
+    assert "worker process died" in line and "--resume" in line
+    assert not (out / "manifest.json").exists()
+    assert factory.run_cli([*args, "--resume"]) == 0
+    assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
+
+
+# -- 9. one-line errors -------------------------------------------------------------------------------------
+def test_nul_byte_in_an_image_path_is_a_counted_reject(data, tmp_path):
+    bad = dict(QA, id="nul", image="photos/coffee\u0000.jpg")
+    inputs = factory.write_jsonl(tmp_path / "nul.jsonl", [QA, bad, dict(QA, id="q2")])
+    out = tmp_path / "out"
+    assert factory.run_cli(_args(data, out, inputs=inputs)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"invalid_record": 1} and manifest["counts"]["samples_written"] == 2
+    (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 2 and "NUL" in reject["message"]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory nobody can write to: chmod for a normal user, a read-only bind mount for root."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot make a read-only mount: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_read_only_output_folder_is_one_line(data, read_only_dir, capsys):
+    capsys.readouterr()
+    assert factory.run_cli(_args(data, read_only_dir)) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(read_only_dir) in line and "cannot write" in line
+
+
+def test_tokenizer_tmp_folder_left_by_a_kill_is_cleaned_on_resume(data, text, tmp_path):
+    out = tmp_path / "out"
+    args = _text_args(data, text, out)
+    crashed = _run(args, {CRASH_DURING_SHARD_ENV: "0"})
+    assert crashed.returncode == 17, crashed.stderr
+    # A kill while the tokenizer was being saved leaves its temp folder (and no tokenizer/).
+    shutil.move(out / "tokenizer", out / "tokenizer.tmp")
+    (out / "tokenizer.tmp" / "half.tmp").write_bytes(b"torn")
+    assert factory.run_cli([*args, "--resume"]) == 0
+    assert not (out / "tokenizer.tmp").exists()
+    assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
+
+
+def test_inspect_of_a_corrupt_idx_is_one_line_naming_the_file(reference, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    index = copy / "shards" / "shard-00001.idx"
+    blob = bytearray(index.read_bytes())
+    blob[2] ^= 0xFF  # the header's magic: same size, so only parsing the index can tell
+    index.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert factory.run_cli(["inspect", str(copy)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "shards/shard-00001.idx" in line and "corrupt index" in line
+
+
+def test_inspect_of_a_missing_path_says_no_such_directory(tmp_path, capsys):
+    assert factory.run_cli(["inspect", str(tmp_path / "nope")]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "no such directory" in line and "manifest.json" not in line
+
+
+# -- 10. smaller ------------------------------------------------------------------------------------------
+def test_verify_finds_non_finite_embeddings(reference, tmp_path, capsys):
+    from engine.data.manifest import serialize_manifest, sha256_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    segment = copy / "embeddings" / "emb-00000.bin"
+    rows = np.fromfile(segment, dtype="<u2").reshape(-1, 64 * 1152)
+    rows[1, 5] = 0x7FC0  # bf16 NaN
+    rows.tofile(segment)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["sha256"]["embeddings/emb-00000.bin"] = sha256_file(segment)  # re-signed: checksums pass
+    (copy / "manifest.json").write_bytes(serialize_manifest(manifest))
+    capsys.readouterr()
+    assert factory.run_cli(["verify", str(copy)]) == 1
+    assert "embeddings/emb-00000.bin: row 1 holds NaN or Inf" in capsys.readouterr().err
+
+
+def test_utf8_bom_at_the_start_of_an_input(data, tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in (TEXT, QA)).encode() + b"\n")
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([TEXT, QA]).encode())
+    for path in (jsonl, array):
+        out = tmp_path / f"out-{path.suffix[1:]}"
+        assert factory.run_cli(_args(data, out, "--samples-per-shard", "1", inputs=path)) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["skipped"] == {} and manifest["counts"]["samples_written"] == 2, path
+
+
+def test_empty_input_warns(data, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    capsys.readouterr()
+    assert factory.run_cli(_args(data, tmp_path / "out", inputs=empty)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --input {empty} holds no records" in err and "the build will be empty" in err
+
+
+def test_decoded_pixels_are_capped(data, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (3000, 2000), (10, 120, 200)).save(root / "big.png")  # 6 M pixels, a 20 KB file
+    shutil.copy(data[0] / "images" / "photos" / "coffee.jpg", root / "small.jpg")
+    records = [dict(QA, id="big", image="big.png"), dict(QA, id="small", image="small.jpg")]
+    inputs = factory.write_jsonl(tmp_path / "big.jsonl", records)
+    out = tmp_path / "out"
+    args = factory.build_args(inputs, out, data[2], root, "--max-image-pixels", "1000000")
+    assert factory.run_cli(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"image_too_large": 1} and manifest["counts"]["samples_written"] == 1
+    (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["id"] == "big" and "3000x2000" in reject["message"]
+
+
+def test_rejects_are_reproducible_without_object_addresses(data, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "notes.jpg").write_text("not an image")
+    (root / "cut.jpg").write_bytes(factory.jpeg_bytes("camera")[:300])
+    shutil.copy(data[0] / "images" / "photos" / "coffee.jpg", root / "ok.jpg")
+    records = [dict(QA, id=name, image=f"{name}.jpg") for name in ("notes", "cut", "ok")]
+    inputs = factory.write_jsonl(tmp_path / "bad.jsonl", records)
+    rejects = []
+    for attempt in range(2):
+        out = tmp_path / f"out{attempt}"
+        assert factory.run_cli(factory.build_args(inputs, out, data[2], root)) == 0
+        rejects.append((out / "rejects.jsonl").read_text())
+    assert rejects[0] == rejects[1] and "0x" not in rejects[0]
+    assert [json.loads(line)["reason"] for line in rejects[0].splitlines()] == ["image_not_decodable",
+                                                                                "image_truncated"]
+
+
+def test_summary_prints_meaningful_figures(data, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert factory.run_cli(_args(data, out)) == 0
+    err = capsys.readouterr().err
+    assert "skipped {}" not in err and "(0 samples/s)" not in err
+    assert f"built {out}: " in err and "7 of 7 records, none skipped" in err
+    assert "records/s" in err and "images/s" in err and "packing efficiency" in err
