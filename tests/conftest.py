@@ -37,3 +37,20 @@ def sample_shards(tmp_path_factory):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--decoder", choices=["pil", "dali"], default="pil",
+                     help="image decoder of the preprocess tests' builds (dali: NVIDIA DALI's CPU decoder)")
+
+
+def pytest_configure(config):
+    import os
+
+    decoder = config.getoption("--decoder")
+    if decoder == "dali":
+        import importlib.util
+
+        if importlib.util.find_spec("nvidia.dali") is None:
+            raise pytest.UsageError("--decoder dali: NVIDIA DALI is not installed (pip install -e .[dali])")
+    os.environ["CHRYSALIS_TEST_IMAGE_DECODER"] = decoder  # read by tests/fixtures/preprocess (and subprocesses)
