@@ -503,6 +503,15 @@ class _DocumentAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under torch.autocast, q, k, v in the autocast dtype (as autocast does for SDPA: RoPE in fp32 can promote
+    q and k while v stays 16-bit); otherwise unchanged."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None = None,
                        *, cu_seqlens: torch.Tensor | None = None, bounds: DocumentBounds | None = None,
                        softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,6 +535,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docume
     b, _, s, d = q.shape
     if bounds is None:
         bounds = document_bounds(document_ids, cu_seqlens=cu_seqlens, batch=b, seq_len=s, device=q.device)
+    q, k, v = autocast_inputs(q, k, v)
     _check_inputs(q, k, v, bounds)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, lse = _DocumentAttention.apply(q, k, v, bounds.start, bounds.end, scale)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from chrysalis_kernels.attention import (
+    _INTERPRET_TILES,
     LOG2E,
     DocumentBounds,
     _check_inputs,
@@ -37,6 +38,7 @@ from chrysalis_kernels.attention import (
     _strides,
     attention_backward,
     attention_reference,
+    autocast_inputs,
     document_bounds,
 )
 from chrysalis_kernels.runtime import INTERPRET, next_power_of_2
@@ -187,7 +189,7 @@ def _attn_fp8_fwd_kernel(Q, K, V, QS, KS, VS, O, LSE, DOC_START,
 def _tiles(block: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the (power-of-two) quantization block."""
     if INTERPRET:
-        tile = min(16, block)
+        tile = min(_INTERPRET_TILES["BLOCK_N"], block)
         return tile, tile, 1, 1
     block_n = min(128, block)  # pragma: no cover - GPU
     return 128, block_n, 8, 3  # pragma: no cover - GPU
@@ -249,6 +251,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
     b, _, s, d = q.shape
     if bounds is None:
         bounds = document_bounds(document_ids, cu_seqlens=cu_seqlens, batch=b, seq_len=s, device=q.device)
+    q, k, v = autocast_inputs(q, k, v)
     _check_inputs(q, k, v, bounds)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, _ = _DocumentAttentionFP8.apply(q, k, v, bounds.start, bounds.end, scale, block)

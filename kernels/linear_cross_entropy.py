@@ -52,48 +52,61 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _ce_stats_kernel(LOGITS, LABELS, MAX, SUMEXP, TARGET, stride_l, n_real, vocab_start, ignore_index,
-                     BLOCK: tl.constexpr):
+def _ce_stats_kernel(LOGITS, LABELS, MAX, SUMEXP, TARGET, stride_l, n_rows, n_real, vocab_start, ignore_index,
+                     BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """Per row over the real local columns [0, n_real): online max, sum exp(x - max), and the target logit."""
-    row = tl.program_id(0).to(tl.int64)
-    m = tl.zeros([BLOCK], dtype=tl.float32) - 1.0e30  # per-lane running max (finite: empty lanes stay NaN-free)
-    s = tl.zeros([BLOCK], dtype=tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    base = LOGITS + rows.to(tl.int64)[:, None] * stride_l
+    m = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32) - 1.0e30  # per-lane running max (finite: no NaN when empty)
+    s = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
     for c0 in range(0, n_real, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        x = tl.load(LOGITS + row * stride_l + cols, mask=cols < n_real, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < n_real),
+                    other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
-    row_max = tl.max(m, axis=0)
-    row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)
-    label = tl.load(LABELS + row)
+    row_max = tl.max(m, axis=1)
+    row_sum = tl.sum(s * tl.exp(m - row_max[:, None]), axis=1)
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
     local = label - vocab_start
-    owned = (label != ignore_index) & (local >= 0) & (local < n_real)
-    target = tl.load(LOGITS + row * stride_l + tl.where(owned, local, 0), mask=owned, other=0.0).to(tl.float32)
-    tl.store(MAX + row, row_max)
-    tl.store(SUMEXP + row, row_sum)
-    tl.store(TARGET + row, tl.where(owned, target, 0.0))
+    owned = row_ok & (label != ignore_index) & (local >= 0) & (local < n_real)
+    target = tl.load(LOGITS + rows.to(tl.int64) * stride_l + tl.where(owned, local, 0), mask=owned,
+                     other=0.0).to(tl.float32)
+    tl.store(MAX + rows, row_max, mask=row_ok)
+    tl.store(SUMEXP + rows, row_sum, mask=row_ok)
+    tl.store(TARGET + rows, tl.where(owned, target, 0.0), mask=row_ok)
 
 
 @triton.jit
-def _ce_grad_kernel(LOGITS, LABELS, LSE, stride_l, n_cols, n_real, vocab_start, ignore_index, BLOCK: tl.constexpr):
+def _ce_grad_kernel(LOGITS, LABELS, LSE, stride_l, n_rows, n_cols, n_real, vocab_start, ignore_index,
+                    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """In place: logits -> softmax - one_hot(label) on real columns, 0 on padding columns and ignored rows."""
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(LABELS + row)
-    lse = tl.load(LSE + row)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     keep = tl.where(label != ignore_index, 1.0, 0.0)
     local = label - vocab_start
+    base = LOGITS + rows.to(tl.int64)[:, None] * stride_l
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        ptr = LOGITS + row * stride_l + cols
-        x = tl.load(ptr, mask=cols < n_cols, other=0.0).to(tl.float32)
-        g = tl.where(cols < n_real, tl.exp(x - lse), 0.0) - tl.where(cols == local, 1.0, 0.0)
-        tl.store(ptr, (g * keep).to(LOGITS.dtype.element_ty), mask=cols < n_cols)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        g = tl.where(cols[None, :] < n_real, tl.exp(x - lse[:, None]), 0.0) \
+            - tl.where(cols[None, :] == local[:, None], 1.0, 0.0)
+        tl.store(base + cols[None, :], (g * keep[:, None]).to(LOGITS.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------------------------------------ host side
 def _block(n_cols: int) -> int:
     return min(4096 if INTERPRET else 2048, max(16, next_power_of_2(n_cols)))
+
+
+# Rows per program: one on a GPU (a row of a 128k vocabulary is plenty of work); 16 under the interpreter, whose
+# cost is per operation, not per element.
+_BLOCK_R = 16 if INTERPRET else 1
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -136,8 +149,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_max = torch.empty(rows, dtype=torch.float32, device=hidden.device)
                 sum_exp = torch.empty_like(row_max)
                 target = torch.empty_like(row_max)
-                _ce_stats_kernel[(rows,)](logits, labels_c, row_max, sum_exp, target, logits.stride(0), n_real,
-                                          vocab_start, ignore_index, BLOCK=block)
+                grid = (triton.cdiv(rows, _BLOCK_R),)
+                _ce_stats_kernel[grid](logits, labels_c, row_max, sum_exp, target, logits.stride(0), rows, n_real,
+                                       vocab_start, ignore_index, BLOCK_R=_BLOCK_R, BLOCK=block)
                 if group is not None:
                     global_max = row_max.clone()
                     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -148,8 +162,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 valid = labels_c != ignore_index
                 total += torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
                 if need_x or need_w:
-                    _ce_grad_kernel[(rows,)](logits, labels_c, lse.contiguous(), logits.stride(0), local_vocab,
-                                             n_real, vocab_start, ignore_index, BLOCK=block)
+                    _ce_grad_kernel[grid](logits, labels_c, lse.contiguous(), logits.stride(0), rows, local_vocab,
+                                          n_real, vocab_start, ignore_index, BLOCK_R=_BLOCK_R, BLOCK=block)
                     if need_x:
                         torch.mm(logits, w, out=dx[r0:r1])
                     if need_w:

@@ -41,90 +41,104 @@ def visual_head_loss_reference(x: torch.Tensor, targets: torch.Tensor, fc1_weigh
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _bias_gelu_kernel(Z, B, OUT, stride_z, stride_o, n_cols, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT = gelu(Z + B) row by row (OUT may be Z)."""
-    row = tl.program_id(0).to(tl.int64)
+def _bias_gelu_kernel(Z, B, OUT, stride_z, stride_o, n_rows, n_cols, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """OUT = gelu(Z + B) (exact erf GELU), BLOCK_R rows per program (OUT may be Z)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n_rows
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        z = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            z += tl.load(B + cols, mask=ok, other=0.0).to(tl.float32)
+            z += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        tl.store(OUT + row * stride_o + cols, a.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], a.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gelu_grad_kernel(DA, Z, B, stride_da, stride_z, n_cols, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_grad_kernel(DA, Z, B, stride_da, stride_z, n_rows, n_cols, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """DA *= gelu'(Z + B), in place."""
-    row = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n_rows
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        z = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            z += tl.load(B + cols, mask=ok, other=0.0).to(tl.float32)
+            z += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        da = tl.load(DA + row * stride_da + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DA + row * stride_da + cols, (da * (cdf + z * pdf)).to(DA.dtype.element_ty), mask=ok)
+        ptr = DA + rows[:, None] * stride_da + cols[None, :]
+        da = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptr, (da * (cdf + z * pdf)).to(DA.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _cosine_loss_kernel(Y, B, T, LOSS, STATS, stride_y, stride_t, n_cols, eps, HAS_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _cosine_loss_kernel(Y, B, T, LOSS, STATS, stride_y, stride_t, n_rows, n_cols, eps, HAS_BIAS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """Per row: y = Y + B; stats = (y.t, |y|^2, |t|^2); loss = 1 - y.t / (max(|y|, eps) max(|t|, eps))."""
-    row = tl.program_id(0).to(tl.int64)
-    dot = tl.zeros([BLOCK], dtype=tl.float32)
-    yy = tl.zeros([BLOCK], dtype=tl.float32)
-    tt = tl.zeros([BLOCK], dtype=tl.float32)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n_rows
+    dot = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    yy = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        y = tl.load(Y + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(T + row * stride_t + cols, mask=ok, other=0.0).to(tl.float32)
+            y += tl.where(ok, tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :], 0.0)
+        t = tl.load(T + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dot += y * t
         yy += y * y
         tt += t * t
-    dot_s = tl.sum(dot, axis=0)
-    yy_s = tl.sum(yy, axis=0)
-    tt_s = tl.sum(tt, axis=0)
+    dot_s = tl.sum(dot, axis=1)
+    yy_s = tl.sum(yy, axis=1)
+    tt_s = tl.sum(tt, axis=1)
     denom = tl.maximum(tl.sqrt(yy_s), eps) * tl.maximum(tl.sqrt(tt_s), eps)
-    tl.store(LOSS + row, 1.0 - dot_s / denom)
-    tl.store(STATS + row * 3, dot_s)
-    tl.store(STATS + row * 3 + 1, yy_s)
-    tl.store(STATS + row * 3 + 2, tt_s)
+    tl.store(LOSS + rows, 1.0 - dot_s / denom, mask=row_ok)
+    tl.store(STATS + rows * 3, dot_s, mask=row_ok)
+    tl.store(STATS + rows * 3 + 1, yy_s, mask=row_ok)
+    tl.store(STATS + rows * 3 + 2, tt_s, mask=row_ok)
 
 
 @triton.jit
-def _cosine_grad_kernel(Y, B, T, STATS, GRAD_OUT, DY, stride_y, stride_t, stride_dy, n_cols, eps,
-                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _cosine_grad_kernel(Y, B, T, STATS, GRAD_OUT, DY, stride_y, stride_t, stride_dy, n_rows, n_cols, eps,
+                        HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """DY = grad_out * d(1 - cos)/dy = -grad_out * (t / (ny nt) - [|y| > eps] cos y / |y|^2)."""
-    row = tl.program_id(0).to(tl.int64)
-    dot = tl.load(STATS + row * 3)
-    yy = tl.load(STATS + row * 3 + 1)
-    tt = tl.load(STATS + row * 3 + 2)
-    ny = tl.maximum(tl.sqrt(yy), eps)
-    denom = ny * tl.maximum(tl.sqrt(tt), eps)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n_rows
+    dot = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
+    yy = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=1.0)
+    tt = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=1.0)
+    denom = tl.maximum(tl.sqrt(yy), eps) * tl.maximum(tl.sqrt(tt), eps)
     cos = dot / denom
     y_term = tl.where(tl.sqrt(yy) > eps, cos / tl.maximum(yy, 1e-30), 0.0)
     scale = -tl.load(GRAD_OUT).to(tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        y = tl.load(Y + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(T + row * stride_t + cols, mask=ok, other=0.0).to(tl.float32)
-        dy = scale * (t / denom - y_term * y)
-        tl.store(DY + row * stride_dy + cols, dy.to(DY.dtype.element_ty), mask=ok)
+            y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        t = tl.load(T + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        dy = scale * (t / denom[:, None] - y_term[:, None] * y)
+        tl.store(DY + rows[:, None] * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------------------------------------ host side
 def _block(n_cols: int) -> int:
     return min(1024 if not INTERPRET else 2048, max(16, next_power_of_2(n_cols)))
+
+
+# Rows per program: one on a GPU; 16 under the interpreter, whose cost is per operation, not per element.
+_BLOCK_R = 16 if INTERPRET else 1
+
+
+def _grid(rows: int) -> tuple[int]:
+    return (triton.cdiv(rows, _BLOCK_R),)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,8 +149,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _bias_gelu_(z: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     if z.shape[0]:
-        _bias_gelu_kernel[(z.shape[0],)](z, bias if bias is not None else z, out, z.stride(0), out.stride(0),
-                                         z.shape[1], HAS_BIAS=bias is not None, BLOCK=_block(z.shape[1]))
+        _bias_gelu_kernel[_grid(z.shape[0])](z, bias if bias is not None else z, out, z.stride(0), out.stride(0),
+                                             z.shape[0], z.shape[1], HAS_BIAS=bias is not None, BLOCK_R=_BLOCK_R,
+                                             BLOCK=_block(z.shape[1]))
     return out
 
 
@@ -154,9 +169,9 @@ class _VisualHeadLoss(torch.autograd.Function):
             loss_rows = torch.empty(m, dtype=torch.float32, device=x.device)
             stats = torch.empty(m, 3, dtype=torch.float32, device=x.device)
             if m:
-                _cosine_loss_kernel[(m,)](y, b2 if b2 is not None else y, targets, loss_rows, stats, y.stride(0),
-                                          targets.stride(0), y.shape[1], eps, HAS_BIAS=b2 is not None,
-                                          BLOCK=_block(y.shape[1]))
+                _cosine_loss_kernel[_grid(m)](y, b2 if b2 is not None else y, targets, loss_rows, stats,
+                                              y.stride(0), targets.stride(0), m, y.shape[1], eps,
+                                              HAS_BIAS=b2 is not None, BLOCK_R=_BLOCK_R, BLOCK=_block(y.shape[1]))
         ctx.save_for_backward(x, targets, w1, b1, w2, b2, stats)
         ctx.eps, ctx.dtype = eps, dtype
         return loss_rows.sum()
@@ -175,9 +190,9 @@ class _VisualHeadLoss(torch.autograd.Function):
             dy = torch.empty_like(y)
             if m:
                 grad = grad_out.detach().float().reshape(1).contiguous()
-                _cosine_grad_kernel[(m,)](y, b2 if b2 is not None else y, targets, stats, grad, dy, y.stride(0),
-                                          targets.stride(0), dy.stride(0), y.shape[1], eps, HAS_BIAS=b2 is not None,
-                                          BLOCK=_block(y.shape[1]))
+                _cosine_grad_kernel[_grid(m)](y, b2 if b2 is not None else y, targets, stats, grad, dy,
+                                              y.stride(0), targets.stride(0), dy.stride(0), m, y.shape[1], eps,
+                                              HAS_BIAS=b2 is not None, BLOCK_R=_BLOCK_R, BLOCK=_block(y.shape[1]))
             del y
             need_x, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
             dw2 = (dy.t() @ a).to(w2.dtype) if need_w2 else None
@@ -187,8 +202,9 @@ class _VisualHeadLoss(torch.autograd.Function):
             if need_x or need_w1 or need_b1:
                 da = dy @ w2c  # [M, H]
                 if m:
-                    _gelu_grad_kernel[(m,)](da, z, b1 if b1 is not None else z, da.stride(0), z.stride(0),
-                                            z.shape[1], HAS_BIAS=b1 is not None, BLOCK=_block(z.shape[1]))
+                    _gelu_grad_kernel[_grid(m)](da, z, b1 if b1 is not None else z, da.stride(0), z.stride(0), m,
+                                                z.shape[1], HAS_BIAS=b1 is not None, BLOCK_R=_BLOCK_R,
+                                                BLOCK=_block(z.shape[1]))
                 dw1 = (da.t() @ xc).to(w1.dtype) if need_w1 else None
                 db1 = da.float().sum(0).to(b1.dtype) if need_b1 else None
                 dx = (da @ w1c).to(x.dtype) if need_x else None
