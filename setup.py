@@ -17,8 +17,10 @@ EXTRAS = {
             "triton>=3.9",
             # FP8 module conversion and its CPU emulation tests (tests/test_training_fast_paths.py).
             "torchao>=0.18,<0.19"],
-    # DALI comes from NVIDIA's package index (nvidia-dali-cuda120); the PIL decoder is the portable fallback.
     "data": ["transformers>=4.45", "mpi4py", "pillow", "sentencepiece", "tiktoken", "tokenizers", "tqdm"],
+    # NVIDIA DALI image decoding for `preprocess` (CPU operators, or nvJPEG on a GPU); a 424 MB wheel from the
+    # package registry. Without it the PIL decoder is used.
+    "dali": ["nvidia-dali-cuda120>=2.4"],
     "train": ["tensorboard", "matplotlib"],
     "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao>=0.18,<0.19"],
     # torchao float8 training (--fp8-format); 0.18 is built against torch 2.13 and does not pull another torch.
