@@ -15,6 +15,8 @@ from engine.model.vpit import build_model
 START, END, STOP, VALID = 90, 91, 95, 92  # image ids, a stop id, valid vocabulary (< the model's 96 rows)
 TPI = 64
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -34,25 +36,15 @@ def image_prompt(seed: int) -> PromptTokens:
 
 class ScriptedImages(VPiTGenerator):
     """Greedy, but row r's sample starts an image at its step 2 + 3 * seed (so rows switch modes at different
-    steps) and stops at `stop_at` when given."""
+    steps) and stops at `stop_at` + seed when given. Tensor ops on the whole batch, like the real selection."""
 
     stop_at: int | None = None
 
-    def select_text_tokens(self, logits, rows, step, generators, sampling):
-        chosen = super().select_text_tokens(logits, rows, step, generators, sampling)
-        out = []
-        for row, token in zip(rows, chosen):
-            seed = self._seeds[row]
-            if step == 2 + 3 * seed:
-                token = START
-            elif self.stop_at is not None and step == self.stop_at + seed:
-                token = STOP
-            out.append(token)
-        return out
-
-    def generate(self, prompts, sampling):
-        self._seeds = [p.seed for p in prompts]
-        return super().generate(prompts, sampling)
+    def select_text_tokens(self, logits, step, batch, sampling):
+        chosen = super().select_text_tokens(logits, step, batch, sampling)
+        if self.stop_at is not None:
+            chosen = torch.where(step == self.stop_at + batch.seeds, STOP, chosen)
+        return torch.where(step == 2 + 3 * batch.seeds, START, chosen)
 
 
 def make(model, cls=VPiTGenerator, **kw):

@@ -1,4 +1,4 @@
-"""Batched decoding of text and visual tokens from a VPiT model, with a KV cache.
+"""Batched decoding of text and visual tokens from a VPiT model, with a static KV cache.
 
 Every row of a batch is its own small state machine, advanced one position per step:
 
@@ -9,10 +9,24 @@ Every row of a batch is its own small state machine, advanced one position per s
                   where training splices visual tokens in (`visual_tokens` / `visual_positions`). After
                   `tokens_per_image` slots, `<image_end>` is forced and the row returns to text mode.
 
-Rows in text mode and rows in image mode share every forward step: a step's input is one token id per row plus
-the visual tokens of the image-mode rows, spliced into their rows' slots. Prompts of different lengths are
-left-padded; the padding is masked out of attention by `attention_mask` and position ids count real tokens only,
-so a row's result does not depend on what else is in its batch (up to float rounding of different matmul shapes).
+The state of every row lives in tensors (`engine.generation.decode_batch.DecodeBatch`), so a step is the same
+fixed sequence of tensor ops whatever the rows are doing: the LM head's choice and the continuous-token head's
+prediction are computed for the batch, and `torch.where` on the row masks decides what each row feeds next and
+what it emits. Rows in text mode and rows in image mode share every forward step: a step's input is one token id
+per row, replaced by the projected visual token in image-mode rows. Prompts of different lengths are left-padded;
+the padding is masked out of attention and position ids count real tokens only, so a row's result does not
+depend on what else is in its batch (up to float rounding of different matmul shapes).
+
+Speed (see docs/generation.md and docs/benchmarks-generation.md):
+- the KV cache is allocated once per batch (`LayerKVCache`) and written in place; the key mask and the RoPE
+  tables of every decode position are built once per batch and indexed per step;
+- the prompt is prefilled in one forward per `prefill_chunk` positions (one forward unless the prompt is longer);
+- on CPU (eager) a step skips the LM head when no row is in text mode and the visual head / projector when no row
+  is in image mode (batch-level checks, free on the host);
+- with `compile` (default on CUDA) the whole step (selection + forward) is one `torch.compile` graph, mode
+  `reduce-overhead` (CUDA graphs) over the static cache: the cache is written at a device index and the mask
+  covers its whole capacity, so shapes and addresses never change. A termination check every
+  `sync_every` steps is the only host synchronisation.
 
 `use_kv_cache=False` recomputes the whole sequence at every step, like MetaMorph's reference decoder: the same
 state machine, so the two are directly comparable (tests check they agree; `benchmarks/generate_kv_cache.py`
@@ -20,20 +34,20 @@ times them).
 
 Works under tensor parallelism (`engine.parallel.tensor_parallel.apply_tensor_parallel`, no sequence parallelism):
 every rank runs the same loop; the LM head's vocabulary-sharded logits are gathered for the last position only,
-and every rank draws the same samples from identically seeded generators.
+and every rank draws the same samples from identically seeded uniforms.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.llama import LayerKVCache
-
-TEXT_MODE = -1  # image_step value of a row in text mode; 0..tokens_per_image counts the slots already fed
+from engine.generation.decode_batch import NO_OUTPUT, SLOT, TEXT_MODE, DecodeBatch
+from engine.model.attention import AttentionMask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +60,9 @@ class SamplingConfig:
             the budget), so outputs never hold a truncated image.
         temperature: 0 = greedy; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling: sample among the most likely tokens whose probabilities sum to top_p.
-        seed: samples draw from per-sample generators seeded by (seed, sample seed), so a sample's output does not
-            depend on the batch it was decoded in.
+        seed: each sample draws its uniforms for all steps up front from a generator seeded by (seed, sample
+            seed), and step i samples by inverse CDF with the i-th: a sample's output does not depend on the batch
+            it was decoded in, and the draw is a tensor op (no per-row generator calls during decoding).
     """
 
     max_new_tokens: int = 256
@@ -112,6 +127,21 @@ def _replicated(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                       top_p: float) -> torch.Tensor:
+    """Temperature + top-p sampling by inverse CDF: one token per row of `logits` [B, V] from `uniforms` [B] in
+    [0, 1). Tensor ops only, the same for every row (no generator calls)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is < top_p (so the most likely token is always kept).
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    # The first token whose cumulative mass exceeds u * total: never one of zero probability.
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+    return (order.gather(-1, index) if top_p < 1 else index)[:, 0]
+
+
 class VPiTGenerator:
     """Decodes batches of prompts with a `VPiTModel` (or a tensor-parallel one).
 
@@ -119,14 +149,21 @@ class VPiTGenerator:
         model: the model in eval mode.
         image_start_id, image_end_id: the tokenizer's image markers.
         stop_ids: ids that end a reply (see `engine.tokenizer.stop_token_ids`).
-        valid_vocab_size: ids >= this are never chosen (the embedding is padded past the tokenizer's vocabulary).
+        valid_vocab_size: ids >= this are never chosen (the model already masks its vocabulary padding; this also
+            keeps out ids the tokenizer cannot decode).
         pad_id: id fed into padding positions and finished rows (masked out, any valid id works).
         use_kv_cache: False recomputes the whole sequence every step (the reference's method; for tests and the
             benchmark).
+        compile: compile the decode step (`torch.compile`, static cache); None = on CUDA without tensor
+            parallelism. Off, the step runs eagerly on exact-length cache views.
+        compile_mode: `torch.compile` mode; `reduce-overhead` captures the step as a CUDA graph on GPU.
+        prefill_chunk: prompt positions per prefill forward; longer prompts (many images) are prefilled in chunks.
+        sync_every: compiled steps between host checks for "every row finished" (eager checks every step).
     """
 
     def __init__(self, model: nn.Module, *, image_start_id: int, image_end_id: int, stop_ids: set[int] | list[int],
-                 valid_vocab_size: int, pad_id: int = 0, use_kv_cache: bool = True):
+                 valid_vocab_size: int, pad_id: int = 0, use_kv_cache: bool = True, compile: bool | None = None,
+                 compile_mode: str | None = "reduce-overhead", prefill_chunk: int = 2048, sync_every: int = 16):
         self.model = model
         self.config = model.config
         self.image_start_id = image_start_id
@@ -136,35 +173,48 @@ class VPiTGenerator:
         self.pad_id = pad_id
         self.use_kv_cache = use_kv_cache
         self.tokens_per_image = self.config.tokens_per_image
+        if prefill_chunk < 1 or sync_every < 1:
+            raise ValueError(f"prefill_chunk ({prefill_chunk}) and sync_every ({sync_every}) must be >= 1")
+        self.prefill_chunk = prefill_chunk
+        self.sync_every = sync_every
         first = next(iter(model.layers.values()))
         self._local_kv_heads = _local_rows(first.attention.wk) // self.config.head_dim
         embedding = model.tok_embeddings.weight
         self.device = embedding.device
         self.dtype = embedding.dtype
+        tensor_parallel = hasattr(embedding, "device_mesh")
+        if compile is None:
+            compile = self.device.type == "cuda" and not tensor_parallel
+        if compile and tensor_parallel:
+            raise ValueError("compiled decoding is not supported under tensor parallelism (use compile=False)")
+        self.compile = bool(compile and use_kv_cache)
+        self.compile_mode = compile_mode
+        self._compiled_step = None
+        self._static_pool: dict[tuple, DecodeBatch] = {}
 
     # -------------------------------------------------------------------------------------------- selection
-    def select_text_tokens(self, logits: torch.Tensor, rows: list[int], step: int,
-                           generators: list[torch.Generator], sampling: SamplingConfig) -> list[int]:
-        """Next token of each text-mode row in `rows` from its logits [len(rows), vocab] (float32, full vocab).
+    def select_text_tokens(self, logits: torch.Tensor, step: torch.Tensor, batch: DecodeBatch,
+                           sampling: SamplingConfig) -> torch.Tensor:
+        """Next token [B] of every row from its logits [B, vocab] (float32; ids that may never be chosen are
+        already -inf). Only text-mode rows use theirs. `step` is the step index as a [1] tensor.
 
-        A method so that a benchmark can script the choices (tokens and where the image starts) while timing the
-        real decoding path.
+        A method so that a benchmark or a test can script the choices (tokens and where images start) with tensor
+        ops while timing or checking the real decoding path.
         """
-        logits = logits.clone()
-        logits[:, self.valid_vocab_size:] = float("-inf")
-        # `<image_end>` is only ever forced after the last slot; sampled in text mode it would mean nothing.
-        logits[:, self.image_end_id] = float("-inf")
         if sampling.temperature == 0:
-            return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
-        if sampling.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep a token while the mass before it is < top_p (so the most likely token is always kept).
-            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= sampling.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return [int(torch.multinomial(probs[i], 1, generator=generators[row]))
-                for i, row in enumerate(rows)]
+            return logits.argmax(dim=-1)
+        uniforms = batch.uniforms.index_select(1, step)[:, 0]  # [B]
+        return sample_from_logits(logits, uniforms, sampling.temperature, sampling.top_p)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, vocab] through the model's masked LM-head path (`VPiTModel.logits`: vocabulary
+        padding at -inf), with ids past the tokenizer's vocabulary and `<image_end>` (only ever forced after the
+        last slot; sampled in text mode it would mean nothing) at -inf too."""
+        logits = _replicated(self.model.logits(hidden)).float()
+        if self.valid_vocab_size < logits.shape[-1]:
+            logits[:, self.valid_vocab_size:] = float("-inf")
+        logits[:, self.image_end_id] = float("-inf")
+        return logits
 
     # -------------------------------------------------------------------------------------------- decoding
     @torch.no_grad()
@@ -172,130 +222,204 @@ class VPiTGenerator:
         """Decodes `prompts` as one batch; results in the same order."""
         if not prompts:
             return []
-        batch = len(prompts)
-        lengths = [len(p.tokens) for p in prompts]
-        if min(lengths) == 0:
+        if min(len(p.tokens) for p in prompts) == 0:
             raise ValueError("empty prompt: a prompt needs at least one token")
-        prompt_len = max(lengths)
+        batch = self._prepare(prompts, sampling)
+        if self.use_kv_cache:
+            self._prefill(batch)
+            if self.compile:
+                self._decode_compiled(batch, sampling)
+            else:
+                self._decode_eager(batch, sampling)
+        else:
+            self._decode_recompute(batch, sampling)
+        return batch.results(self.tokens_per_image)
+
+    def _prepare(self, prompts: list[PromptTokens], sampling: SamplingConfig) -> DecodeBatch:
+        prompt_len = max(len(p.tokens) for p in prompts)
         tpi = self.tokens_per_image
-        capacity = prompt_len + sampling.max_new_tokens + tpi + 1
-        if capacity > self.config.max_position_embeddings:
+        if prompt_len + sampling.max_new_tokens + tpi + 1 > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({prompt_len} tokens) + --max-new-tokens {sampling.max_new_tokens} + one image "
                              f"({tpi + 1}) exceed the model's {self.config.max_position_embeddings} positions")
-
-        # Left-padded prompt batch: [B, L] ids and [B, L] real-token mask; visual slots as (row, column, token).
-        tokens = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long)
-        key_mask = torch.zeros(batch, prompt_len, dtype=torch.bool)
-        slots: list[tuple[int, int]] = []
-        slot_tokens: list[torch.Tensor] = []
-        for b, prompt in enumerate(prompts):
-            offset = prompt_len - lengths[b]
-            tokens[b, offset:] = torch.tensor(prompt.tokens, dtype=torch.long)
-            key_mask[b, offset:] = True
-            n_images = len(prompt.image_slot_starts)
-            if n_images and (prompt.image_tokens is None or prompt.image_tokens.shape[:2] != (n_images, tpi)):
-                raise ValueError(f"prompt {b} has {n_images} image(s) but image_tokens of shape "
-                                 f"{None if prompt.image_tokens is None else tuple(prompt.image_tokens.shape)}")
-            for i, start in enumerate(prompt.image_slot_starts):
-                slots.extend((b, offset + start + j) for j in range(tpi))
-                slot_tokens.append(prompt.image_tokens[i])
-
-        generators = [torch.Generator().manual_seed(sampling.seed * 1_000_003 + p.seed) for p in prompts]
-        results = [GenerationResult() for _ in prompts]
-        image_step = [TEXT_MODE] * batch
-        current_image: list[list[torch.Tensor]] = [[] for _ in prompts]
-        active = [True] * batch
-
+        # Steps: the budget, an image finished past it (tpi + 1), and the selection step that finds all rows done.
+        max_steps = sampling.max_new_tokens + tpi + 2
+        uniforms = None
+        if sampling.temperature > 0:
+            uniforms = torch.stack([
+                torch.rand(max_steps, generator=torch.Generator().manual_seed(sampling.seed * 1_000_003 + p.seed))
+                for p in prompts])
+        capacity, reuse = None, None
         if self.use_kv_cache:
-            caches = [LayerKVCache(batch, self._local_kv_heads, capacity, self.config.head_dim, self.dtype,
-                                   self.device) for _ in self.model.layers]
-            hidden = self._forward_cached(tokens, key_mask, slots, slot_tokens, caches)
+            capacity = prompt_len + max_steps
+            if self.compile:
+                # Round up so that batches of similar lengths share one set of buffers (and one captured graph).
+                capacity = 256 * math.ceil(capacity / 256)
+                key = (len(prompts), capacity, max_steps, uniforms is not None)
+                reuse = self._static_pool.get(key)
+        batch = DecodeBatch(prompts, model=self.model, kv_heads=self._local_kv_heads, pad_id=self.pad_id,
+                            tokens_per_image=tpi, max_steps=max_steps, capacity=capacity, static=self.compile,
+                            uniforms=uniforms, device=self.device, dtype=self.dtype, reuse=reuse)
+        if self.compile and reuse is None:
+            batch.mark_static()
+            self._static_pool = {key: batch}  # one shape kept: bounded memory
+        return batch
+
+    def _prefill(self, batch: DecodeBatch) -> None:
+        """Runs the prompt through the model into the caches, `prefill_chunk` positions per forward (one forward
+        for most prompts); leaves the last position's hidden state in `batch.hidden`.
+
+        Left padding needs a key mask: the model then builds a dense [B, 1, chunk, keys] boolean mask per chunk
+        (fine on CPU; on GPU it bounds the prompt's attention memory at chunk x keys per row)."""
+        tokens = batch.tokens.to(self.device)
+        key_mask = batch.key_mask.to(self.device) if batch.padded else None
+        slot_tokens = None if batch.slot_tokens is None else batch.slot_tokens.to(self.device, self.dtype)
+        for cache in batch.caches:
+            cache.write_index = None
+            cache.length = 0
+        hidden = None
+        for start in range(0, batch.prompt_len, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, batch.prompt_len)
+            visual = positions = None
+            if slot_tokens is not None:
+                inside = (batch.slot_cols >= start) & (batch.slot_cols < end)
+                if bool(inside.any()):
+                    # Flat indices into this chunk's [B * chunk] positions.
+                    positions = (batch.slot_rows[inside] * (end - start) + batch.slot_cols[inside] - start)
+                    positions = positions.to(self.device)
+                    visual = slot_tokens[inside.to(self.device)]
+            hidden = self.model(tokens[:, start:end], visual_tokens=visual, visual_positions=positions,
+                                kv_caches=batch.caches,
+                                attention_mask=None if key_mask is None else key_mask[:, :end])
+        batch.hidden.copy_(hidden[:, -1])
+        if batch.static:
+            for cache in batch.caches:
+                cache.write_index = batch.write_col
+
+    def _advance(self, batch: DecodeBatch, step: torch.Tensor, sampling: SamplingConfig,
+                 skip_unused: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One step of every row's state machine, from `batch.hidden`: chooses, records the outputs and updates the
+        state in place. Returns what the next forward feeds: token ids [B], visual tokens [B, vision_dim] (or
+        None when `skip_unused` found no image-mode row) and the rows that feed a visual token [B] bool."""
+        tpi = self.tokens_per_image
+        mode, active = batch.mode, batch.active
+        text = active & (mode == TEXT_MODE)
+        # Text-mode rows out of budget finish ("length"); rows inside an image always finish it first.
+        active = active & ~(text & (batch.new_positions >= sampling.max_new_tokens))
+        text = text & active
+        feeding = active & (mode >= 0) & (mode < tpi)  # feed slot number mode + 1
+        ending = active & (mode == tpi)  # all slots fed: <image_end> is forced
+        if skip_unused and not bool(text.any()):
+            chosen = torch.full_like(mode, self.pad_id)
         else:
-            caches = None
-            hidden = self._forward_full(tokens, key_mask, slots, slot_tokens)
+            chosen = self.select_text_tokens(self.text_logits(batch.hidden), step, batch, sampling)
+        stop = text & torch.isin(chosen, self._stop_ids_tensor(chosen.device))
+        active = active & ~stop
+        text = text & ~stop
+        visual = None
+        if not (skip_unused and not bool(feeding.any())):
+            # Unit norm like SigLIP tokens. [B, vision_dim]
+            visual = F.normalize(self.model.predict_visual(batch.hidden).float(), dim=-1)
+            batch.visual_out.index_copy_(1, step, visual[:, None])
+        next_tokens = torch.where(text, chosen, torch.where(ending, self.image_end_id, torch.where(
+            feeding, self.image_start_id, self.pad_id)))  # a slot's id is a placeholder, replaced by its token
+        emitted = torch.where(text, chosen, torch.where(ending, self.image_end_id, torch.where(
+            feeding, SLOT, NO_OUTPUT)))
+        batch.tokens_out.index_copy_(1, step, emitted[:, None])
+        # `<image_start>` chosen: feed it now, slot 1 at the next step.
+        new_mode = torch.where(text & (chosen == self.image_start_id), 0, torch.where(
+            feeding, mode + 1, torch.where(ending, TEXT_MODE, mode)))
+        batch.mode.copy_(new_mode)
+        batch.stopped.logical_or_(stop)
+        batch.active.copy_(active)
+        batch.new_positions.add_(active.long())
+        return next_tokens, visual, feeding
 
-        step = 0
-        while True:
-            next_tokens = [self.pad_id] * batch
-            visual_rows: list[int] = []
-            text_rows = [b for b in range(batch) if active[b] and image_step[b] == TEXT_MODE]
-            for b in text_rows:
-                if results[b].new_positions >= sampling.max_new_tokens:
-                    active[b] = False
-                    results[b].finish_reason = "length"
-            text_rows = [b for b in text_rows if active[b]]
-            if text_rows:
-                logits = _replicated(self.model.logits(hidden[text_rows])).float()
-                for b, token in zip(text_rows, self.select_text_tokens(logits, text_rows, step, generators, sampling)):
-                    if token in self.stop_ids:
-                        active[b] = False
-                        results[b].finish_reason = "stop"
-                        continue
-                    results[b].token_ids.append(token)
-                    next_tokens[b] = token
-                    if token == self.image_start_id:
-                        image_step[b] = 0
-            image_rows = [b for b in range(batch) if active[b] and 0 <= image_step[b] < tpi
-                          and not (b in text_rows and image_step[b] == 0)]
-            # Rows that just chose `<image_start>` feed it first; their first slot comes at the next step.
-            visual_tokens = None
-            if image_rows:
-                predicted = self.model.predict_visual(hidden[image_rows]).float()
-                visual_tokens = F.normalize(predicted, dim=-1)  # [V, vision_dim], unit norm like SigLIP tokens
-                for i, b in enumerate(image_rows):
-                    current_image[b].append(visual_tokens[i].cpu())
-                    next_tokens[b] = self.image_start_id  # slot placeholder, overwritten by the projected token
-                    image_step[b] += 1
-                    visual_rows.append(b)
-            for b in range(batch):
-                if active[b] and image_step[b] == tpi and b not in visual_rows:
-                    # All slots fed: `<image_end>` is forced.
-                    results[b].token_ids.append(self.image_end_id)
-                    results[b].images.append(torch.stack(current_image[b]))
-                    current_image[b] = []
-                    next_tokens[b] = self.image_end_id
-                    image_step[b] = TEXT_MODE
-            if not any(active):
+    def _stop_ids_tensor(self, device: torch.device) -> torch.Tensor:
+        stop = getattr(self, "_stop_tensor", None)
+        if stop is None or stop.device != device:
+            ids = sorted(self.stop_ids) or [-1]  # -1 matches nothing
+            stop = self._stop_tensor = torch.tensor(ids, dtype=torch.long, device=device)
+        return stop
+
+    def _forward_step(self, batch: DecodeBatch, tokens: torch.Tensor, visual: torch.Tensor | None,
+                      feeding: torch.Tensor, step: torch.Tensor) -> None:
+        """One decode position for every row through the model into the caches; writes `batch.hidden`."""
+        model = self.model
+        h = model.tok_embeddings(tokens[:, None])  # [B, 1, H]
+        if visual is not None:
+            # Image-mode rows feed the projected visual token instead of their placeholder id's embedding.
+            h = torch.where(feeding[:, None, None], model.projector(visual.to(h.dtype))[:, None], h)
+        rope = (batch.cos.index_select(1, step), batch.sin.index_select(1, step))  # [B, 1, head_dim] each
+        if batch.static:
+            batch.write_col.copy_(step + batch.prompt_len)
+            batch.key_bias.index_fill_(-1, batch.write_col, 0.0)  # this step's column becomes visible
+            bias = batch.key_bias
+        else:
+            length = batch.caches[0].length + 1
+            bias = None if batch.key_bias is None else batch.key_bias[..., :length]
+        mask = AttentionMask("sdpa", dense=bias)
+        for layer, cache in zip(model.layers.values(), batch.caches):
+            h = layer(h, rope, mask, cache)
+        batch.hidden.copy_(model.norm(h)[:, 0])
+
+    def _decode_eager(self, batch: DecodeBatch, sampling: SamplingConfig) -> None:
+        skip_unused = self.device.type == "cpu"  # its batch-level checks cost a device sync elsewhere
+        for i in range(batch.max_steps):
+            step = batch.steps[i:i + 1]
+            tokens, visual, feeding = self._advance(batch, step, sampling, skip_unused)
+            if not bool(batch.active.any()):
                 break
-            for b in range(batch):
-                if active[b]:
-                    results[b].new_positions += 1
-            step_tokens = torch.tensor(next_tokens, dtype=torch.long)[:, None]  # [B, 1]
-            step_mask = torch.tensor(active, dtype=torch.bool)[:, None]
-            if caches is not None:
-                key_mask = torch.cat([key_mask, step_mask], dim=1)
-                hidden = self._forward_cached(step_tokens, key_mask, [(b, 0) for b in visual_rows],
-                                              list(visual_tokens) if visual_rows else [], caches)
-            else:
-                column = tokens.shape[1]
-                tokens = torch.cat([tokens, step_tokens], dim=1)
-                key_mask = torch.cat([key_mask, step_mask], dim=1)
-                if visual_rows:
-                    slots.extend((b, column) for b in visual_rows)
-                    slot_tokens.extend(visual_tokens)
-                hidden = self._forward_full(tokens, key_mask, slots, slot_tokens)
-            step += 1
-        return results
+            self._forward_step(batch, tokens, visual, feeding, step)
 
-    def _visual_inputs(self, slots: list[tuple[int, int]], slot_tokens: list[torch.Tensor], seq_len: int):
-        if not slots:
-            return None, None
-        # Prompt images arrive as [64, D] blocks, fed-back tokens as [D] rows: flatten both to [V, D].
-        visual = torch.cat([t.reshape(-1, t.shape[-1]) for t in slot_tokens]).to(self.device, self.dtype)
-        positions = torch.tensor([b * seq_len + s for b, s in slots], dtype=torch.long, device=self.device)
-        return visual, positions
+    def _static_step(self, batch: DecodeBatch, step: torch.Tensor, sampling: SamplingConfig) -> None:
+        """Selection and forward of one step with static shapes: what is compiled."""
+        tokens, visual, feeding = self._advance(batch, step, sampling, skip_unused=False)
+        self._forward_step(batch, tokens, visual, feeding, step)
 
-    def _forward_cached(self, tokens: torch.Tensor, key_mask: torch.Tensor, slots, slot_tokens,
-                        caches: list[LayerKVCache]) -> torch.Tensor:
-        """One prefill or decode step; returns the last position's final-normed hidden state [B, H]."""
-        visual, positions = self._visual_inputs(slots, slot_tokens, tokens.shape[1])
-        hidden = self.model(tokens.to(self.device), visual_tokens=visual, visual_positions=positions,
-                            kv_caches=caches, attention_mask=key_mask.to(self.device))
-        return hidden[:, -1]
+    def _decode_compiled(self, batch: DecodeBatch, sampling: SamplingConfig) -> None:
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._static_step, mode=self.compile_mode, fullgraph=True,
+                                                dynamic=False)
+        cuda = self.device.type == "cuda"
+        for i in range(batch.max_steps):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            self._compiled_step(batch, batch.steps[i:i + 1], sampling)
+            # After every row has finished, further steps change nothing (the cache has room for them).
+            if (i + 1) % self.sync_every == 0 and not bool(batch.active.any()):
+                break
 
-    def _forward_full(self, tokens: torch.Tensor, key_mask: torch.Tensor, slots, slot_tokens) -> torch.Tensor:
-        """The whole sequence again (no cache); padding is kept apart from real tokens as another 'document'."""
-        visual, positions = self._visual_inputs(slots, slot_tokens, tokens.shape[1])
+    # -------------------------------------------------------------------------------------------- reference
+    def _decode_recompute(self, batch: DecodeBatch, sampling: SamplingConfig) -> None:
+        """MetaMorph's method: the whole sequence through the model at every step (same state machine)."""
+        tokens, key_mask = batch.tokens, batch.key_mask
+        slot_rows, slot_cols = batch.slot_rows.tolist(), batch.slot_cols.tolist()
+        slot_tokens = [] if batch.slot_tokens is None else [batch.slot_tokens]
+        batch.hidden.copy_(self._forward_full(tokens, key_mask, slot_rows, slot_cols, slot_tokens))
+        for i in range(batch.max_steps):
+            step = batch.steps[i:i + 1]
+            next_tokens, visual, feeding = self._advance(batch, step, sampling, skip_unused=True)
+            if not bool(batch.active.any()):
+                break
+            column = tokens.shape[1]
+            tokens = torch.cat([tokens, next_tokens.cpu()[:, None]], dim=1)
+            key_mask = torch.cat([key_mask, batch.active.cpu()[:, None]], dim=1)
+            rows = feeding.nonzero().squeeze(1)
+            if rows.numel():
+                slot_rows.extend(rows.tolist())
+                slot_cols.extend([column] * rows.numel())
+                slot_tokens.append(visual[rows].cpu())
+            batch.hidden.copy_(self._forward_full(tokens, key_mask, slot_rows, slot_cols, slot_tokens))
+
+    def _forward_full(self, tokens: torch.Tensor, key_mask: torch.Tensor, slot_rows: list[int],
+                      slot_cols: list[int], slot_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """The whole sequence again (no cache); padding is kept apart from real tokens as another 'document'.
+        Returns the last position's final-normed hidden state [B, H]."""
+        visual = positions = None
+        if slot_rows:
+            visual = torch.cat(slot_tokens).to(self.device, self.dtype)  # [V, D] in slot order
+            positions = torch.tensor([b * tokens.shape[1] + s for b, s in zip(slot_rows, slot_cols)],
+                                     dtype=torch.long, device=self.device)
         position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
         document_ids = None if bool(key_mask.all()) else key_mask.long()
         hidden = self.model(tokens.to(self.device), position_ids=position_ids.to(self.device),

@@ -276,3 +276,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=enable_gqa)
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One query position against a KV cache (the decode step), grouped-query heads without repeating K/V.
+
+    The Hq / Hkv query heads that share a KV head become that head's "queries": q [B, Hq, 1, D] is viewed as
+    [B, Hkv, G, D], so every attention backend (flash, memory-efficient, CPU flash) runs plain multi-head attention
+    on the cache as stored, with a mask that broadcasts over the group. Nothing is causal here: the query is the
+    newest position and may see every cached key the mask allows.
+
+    Args:
+        q: [B, Hq, 1, D]; k, v: [B, Hkv, Sk, D].
+        bias: [B, 1, 1, Sk] additive float mask (0 = attend, -inf = not) or bool mask (True = attend), or None.
+    Returns:
+        [B, Hq, 1, D]
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    # [B, Hq, 1, D] -> [B, Hkv, G, D]: query heads j*G .. (j+1)*G - 1 use KV head j (Hugging Face's repeat_kv order).
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), k, v, attn_mask=bias)
+    return out.reshape(b, hq, 1, d)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig, RopeScaling
-from engine.model.attention import AttentionMask, attend, attend_packed
+from engine.model.attention import AttentionMask, attend, attend_decode, attend_packed
 
 
 class RMSNorm(nn.Module):
@@ -116,11 +116,10 @@ class Attention(nn.Module):
         if kv_cache is None:
             # Training path: every backend takes [B, S, heads, D] (varlen kernels as a free THD view).
             return self.wo(attend_packed(q, k, v, mask).reshape(b, s, -1))
-        # [B, S, heads, D] -> [B, heads, S, D]
+        # Incremental decoding. [B, S, heads, D] -> [B, heads, S, D]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
-        out = attend(q, k, v, mask)
+        k, v = kv_cache.update(k, v)  # written in place into the preallocated cache; views of it come back
+        out = attend_decode(q, k, v, mask.dense) if s == 1 else attend(q, k, v, mask)
         # [B, heads, S, D] -> [B, S, heads * D]
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -154,7 +153,15 @@ class TransformerBlock(nn.Module):
 
 
 class LayerKVCache:
-    """Keys and values of one layer for incremental decoding, preallocated to `max_len`.
+    """Keys and values of one layer for incremental decoding: a static buffer [B, kv_heads, max_len, D] allocated
+    once per batch and written in place (never grown by concatenation).
+
+    Two ways to write, chosen by `write_index`:
+      - `None` (prefill, eager decoding): `update` appends at `length` (a host int) and returns views of the first
+        `length` positions, so attention reads only what has been written;
+      - a device tensor [1] (static-shape decoding, `torch.compile` / CUDA graphs): `update` writes at that column
+        with `index_copy_` and returns the whole buffer; the caller's additive mask hides columns not written yet.
+        The shapes and addresses never change from step to step, which is what a captured graph needs.
 
     Rows of the batch advance together (left-padded prompts are masked by the caller's mask).
     """
@@ -164,12 +171,27 @@ class LayerKVCache:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.write_index: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes [B, kv_heads, S, D] at `length`; returns views [B, kv_heads, length + S, D] of the buffer."""
         new = self.length + k.shape[2]
-        if new > self.k.shape[2]:
-            raise RuntimeError(f"KV cache overflow: {new} > capacity {self.k.shape[2]}")
+        if new > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {new} > capacity {self.capacity}")
         self.k[:, :, self.length:new] = k
         self.v[:, :, self.length:new] = v
         self.length = new
         return self.k[:, :, :new], self.v[:, :, :new]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention layer's entry point: `append`, or with `write_index` set a static-shape write of one
+        position (see the class docstring)."""
+        if self.write_index is None:
+            return self.append(k, v)
+        self.k.index_copy_(2, self.write_index, k)
+        self.v.index_copy_(2, self.write_index, v)
+        return self.k, self.v
