@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed_launch import REPO, torchrun
+
 from engine.config import ModelConfig
 from engine.model import IGNORE_INDEX, build_model
 from engine.model.losses import mask_padded_vocab, text_cross_entropy_sum
@@ -240,7 +240,7 @@ def shards_301(tmp_path_factory) -> Path:
            str(tokenizer), "--chat-template", "llama3", "--vision-encoder", "tiny-random", "--seq-length", "256",
            "--workers", "1", "--output", str(out), "--no-progress"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["vocab_size"] == REAL
     return out
@@ -261,7 +261,7 @@ def _losses(path: Path) -> list[float]:
 def test_cli_parity_and_resume_with_a_301_token_tokenizer(shards_301, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     tp1 = subprocess.run([sys.executable, str(ENTRY), *cli_args(shards_301, "--log-jsonl", str(tmp_path / "tp1.jsonl"))],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False)
     assert tp1.returncode == 0, tp1.stderr[-3000:]
     tp2 = torchrun(ENTRY, 2, cli_args(shards_301, "--tensor-model-parallel-size", "2",
                                       "--log-jsonl", str(tmp_path / "tp2.jsonl")))
@@ -284,7 +284,7 @@ def test_cli_parity_and_resume_with_a_301_token_tokenizer(shards_301, tmp_path):
     resumed = subprocess.run([sys.executable, str(ENTRY), *cli_args(shards_301, "--load",
                                                                     str(tmp_path / "ck" / "iter_0000003"),
                                                                     "--log-jsonl", str(tmp_path / "resumed.jsonl"))],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                             capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at iteration 3" in resumed.stdout
     got = _losses(tmp_path / "resumed.jsonl")
