@@ -1,5 +1,6 @@
 """Training flags, YAML precedence, validation messages and the learning-rate schedule."""
 
+import itertools
 import math
 
 import pytest
@@ -49,22 +50,106 @@ def test_warmup_then_cosine_to_min_lr():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert math.isclose(lrs[54], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
     assert lrs[104:] == [0.1] * 6
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     schedule.step()
     assert opt.param_groups[0]["lr"] == 0.5
     fraction = WarmupDecaySchedule(opt, OptimizerConfig(lr=1.0, lr_warmup_fraction=0.1), train_iters=100)
     assert fraction.warmup == 10
 
 
-def test_help_renders():
+def run_help(*args: str):
+    """pretrain_gpt_vision.py with these arguments, in a subprocess (CompletedProcess)."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(repo / "pretrain_gpt_vision.py"), "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=repo)
+    from distributed_launch import REPO
+
+    return subprocess.run([sys.executable, str(REPO / "pretrain_gpt_vision.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, check=False)
+
+
+def test_help_renders_grouped_with_readable_names_and_defaults():
+    result = run_help("--help")
     assert result.returncode == 0, result.stderr
+    out = result.stdout
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--sequence-parallel",
                  "--num-layers-per-virtual-pipeline-stage", "--data-path", "--exit-interval"):
-        assert flag in result.stdout
+        assert flag in out
+    assert "__" not in out  # no internal dests such as DATA__DATA_PATH / OPTIMIZER__LR as metavars
+    assert "--lr LR " in out and "--data-path [W1] DIR1 [W2 DIR2 ...]" in out
+    for title in ("training:", "data and dataloader:", "learning rate and optimizer:", "checkpointing:",
+                  "logging and validation:", "distributed:", "mixed precision:", "model:", "Megatron-LM names"):
+        assert f"\n{title}" in out, title
+    flat = " ".join(out.split())  # argparse wraps lines at the terminal width
+    assert "(default: 1234)" in flat and "(default: 98,2,0)" in flat and "(default: cosine)" in flat
+    assert "--use-torch-fsdp2 = --data-parallel-sharding fsdp" in flat  # aliases are shown
+    sections = {title: body for title, body in (part.split(":\n", 1) for part in out.split("\n\n")[2:]
+                                                if ":\n" in part)}
+    assert "--tensor-model-parallel-size" in sections["distributed"]
+    assert "--bf16" in sections["mixed precision"] and "--lr-warmup-iters" in sections["learning rate and optimizer"]
+
+
+def test_megatron_aliases_set_our_flags():
+    config = parse_training_config(["--mock-data", "--use-torch-fsdp2"])
+    assert config.data_parallel_sharding == "fsdp"
+    config = parse_training_config(["--mock-data", "--recompute-activations", "--attention-backend", "fused"])
+    assert config.recompute_granularity == "selective" and config.model.attention_backend == "te"
+    config = parse_training_config(["--mock-data", "--attention-backend=local", "--recompute-method", "block",
+                                    "--use-mcore-models", "--swiglu", "--normalization", "RMSNorm",
+                                    "--use-distributed-optimizer", "--split", "90,10,0", "--eval-interval", "5",
+                                    "--eval-iters", "2", "--bf16"])
+    assert config.model.attention_backend == "sdpa" and config.use_distributed_optimizer and config.bf16
+    assert config.data.split == "90,10,0" and config.logging.eval_interval == 5 and config.logging.eval_iters == 2
+    with pytest.raises(ValueError, match="--use-torch-fsdp2 means --data-parallel-sharding fsdp"):
+        parse_training_config(["--mock-data", "--use-torch-fsdp2", "--data-parallel-sharding", "none"])
+    with pytest.raises(ValueError, match="uniform.*accepted: block"):
+        parse_training_config(["--mock-data", "--recompute-method", "uniform"])
+    with pytest.raises(ValueError, match="RMSNorm"):
+        parse_training_config(["--mock-data", "--normalization", "LayerNorm"])
+
+
+def test_megatron_aliases_in_yaml(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("use-torch-fsdp2: true\nmock-data: true\n")
+    assert parse_training_config(["--config", str(run)]).data_parallel_sharding == "fsdp"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--context-parallel-size", "2"], ("--context-parallel-size (Megatron-LM) is not supported; nearest "
+                                        "equivalent: --sequence-parallel")),
+    (["--train-samples=1000"], "--train-samples (Megatron-LM) is not supported; nearest equivalent: --train-iters"),
+    (["--no-load-optim"], "nearest equivalent: --finetune"),
+    (["--micro-batch-sise", "2"], ("neither a Chrysalis flag nor a Megatron-LM flag we know; did you mean "
+                                   "--micro-batch-size")),
+])
+def test_unsupported_megatron_flags_name_our_nearest_equivalent(argv, message):
+    result = run_help("--mock-data", *argv)
+    assert result.returncode == 2
+    assert message in result.stderr and "unrecognized arguments" not in result.stderr
+
+
+def test_tokenizer_type_takes_megatrons_names_and_must_match_the_shards(tmp_path):
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_text('{"tokenizer": {"type": "tiktoken"}}')
+    common = ["--data-path", str(build), "--model-preset", "tiny"]
+    assert parse_training_config([*common, "--tokenizer-type", "TikTokenizer"]).data.data_path == [str(build)]
+    with pytest.raises(ValueError, match="Llama2Tokenizer.*built with a tiktoken tokenizer"):
+        parse_training_config([*common, "--tokenizer-type", "Llama2Tokenizer"])
+    with pytest.raises(ValueError, match="GPT2BPETokenizer: not supported"):
+        parse_training_config([*common, "--tokenizer-type", "GPT2BPETokenizer"])
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    from distributed_launch import REPO
+
+    code = ("import sys, runpy; sys.argv = ['pretrain_gpt_vision.py', '--help']\n"
+            "try:\n    runpy.run_path('pretrain_gpt_vision.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

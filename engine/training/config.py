@@ -364,21 +364,47 @@ _CHOICES.update({"--recompute-granularity": ["full", "selective"], "--fp8-format
 def build_parser() -> argparse.ArgumentParser:
     """All training flags plus the model flags of `engine.config`. Defaults are None: unset flags fall through
     to YAML, then to the dataclass defaults."""
-    parser = argparse.ArgumentParser(description="VPiT pretraining (stage 1 / stage 2)", allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="YAML file setting any flag; the command line wins")
-    group = parser.add_argument_group("training")
+    from engine.training import megatron_flags as mf
+
+    parser = mf.MegatronCompatibleParser(usage=mf.USAGE, allow_abbrev=False,
+                                         description="VPiT pretraining (stage 1 / stage 2). Flags are Megatron-LM's "
+                                                     "where the concept is shared; see docs/training.md.")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML file setting any flag; the command line wins")
+    # Rendering only (groups like Megatron's, readable metavars, dataclass defaults); the table stays as written.
+    groups = {title: parser.add_argument_group(title) for title in mf.GROUP_ORDER}
     for flag, (section, name, typ, help_text) in _FLAGS.items():
         dest = _dest(section, name)
+        title = mf.help_group(section, name)
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        help_text = mf.help_with_default(help_text, typ, _default_of(section, name))
         if typ is bool:
             group.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
         elif typ == "store_false":
             group.add_argument(flag, dest=dest, action="store_false", default=None, help=help_text)
         elif typ is list:
-            group.add_argument(flag, dest=dest, nargs="+", default=None, help=help_text)
+            group.add_argument(flag, dest=dest, nargs="+", default=None, metavar=mf.metavar(flag), help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=typ, default=None, choices=_CHOICES.get(flag), help=help_text)
+            group.add_argument(flag, dest=dest, type=typ, default=None, choices=_CHOICES.get(flag),
+                               metavar=None if flag in _CHOICES else mf.metavar(flag), help=help_text)
     add_model_args(parser)
+    for action in parser._actions:  # model-shape flags: say where an unset one comes from
+        if action.help is None and action.option_strings and action.dest not in ("help", "model_preset"):
+            action.help = "(default: the --model-preset's value)"
+    mf.add_megatron_flags(parser)
     return parser
+
+
+def _default_of(section: str, name: str) -> Any:
+    """The dataclass default of a `_FLAGS` entry (shown in --help), None when it has none."""
+    cls = {"": TrainingConfig, "data": DataConfig, "optimizer": OptimizerConfig, "checkpoint": CheckpointConfig,
+           "logging": LoggingConfig, "model": ModelConfig}.get(section)
+    for f in dataclasses.fields(cls) if cls else ():
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return None if f.default is dataclasses.MISSING else f.default
+    return None
 
 
 def _dest(section: str, name: str) -> str:
@@ -424,6 +450,9 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
     if pre.config:
         parser.set_defaults(**_yaml_defaults(pre.config, parser))
     args = parser.parse_args(argv)
+    from engine.training.megatron_flags import apply_megatron_flags, print_notes
+
+    print_notes(apply_megatron_flags(args, parser))  # Megatron-LM aliases -> our flags; accepted flags checked
     sections: dict[str, dict[str, Any]] = {"": {}, "data": {}, "optimizer": {}, "checkpoint": {}, "logging": {},
                                            "model": {}}
     for flag, (section, name, _, _) in _FLAGS.items():
