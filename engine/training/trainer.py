@@ -35,7 +35,7 @@ from engine.training.data import (
     padded_vocab_size,
 )
 from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
-from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer
+from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer, clean_name
 from engine.training.parallel import ParallelInfo, all_reduce_sum, apply_activation_checkpointing, parallelize, unwrap
 from engine.training.vocab_padding import VOCAB_MATRICES, repad_rows
 
@@ -274,6 +274,17 @@ class Trainer:
             masks = [NewRowGradientMask(part, base) for part in pm.parts]
             self.grad_mask = lambda: [mask() for mask in masks]
         self.params = [p for p in pm.parameters() if p.requires_grad]
+
+    def _padding_parameters(self) -> int:
+        """Trainable elements in vocabulary padding rows (always zero): not counted in the logged model size, which
+        is then the same at every TP size."""
+        named = (self.parallel_model if self.parallel_model is not None else self.model).named_parameters()
+        seen, total = set(), 0
+        for name, p in named:
+            if p.requires_grad and id(p) not in seen and clean_name(name) in VOCAB_MATRICES:
+                seen.add(id(p))
+                total += self.model_config.vocab_padding * p.shape[1]
+        return total
 
     @property
     def core_model(self) -> VPiTModel:
@@ -544,8 +555,11 @@ class Trainer:
         tokens_per_step = self.global_batch_size * self.model_config.seq_length
         last_saved = None
         reason = "done"
+        padding = self._padding_parameters()
         self._log(f"training {self.model_config.num_layers}-layer model, stage {c.stage}, "
-                  f"{sum(p.numel() for p in self.params):,} trainable parameters, global batch "
+                  f"{sum(p.numel() for p in self.params) - padding:,} trainable parameters"
+                  + (f" (+{padding:,} in {self.model_config.vocab_padding} vocabulary padding rows, zero and masked)"
+                     if padding else "") + ", global batch "
                   f"{self.global_batch_size} = {self.num_micro_batches} micro-batches x {c.micro_batch_size} x "
                   f"{self.info.dp_size} ranks, from iteration {self.iteration} to {c.train_iters}")
         try:
