@@ -103,8 +103,8 @@ def test_rotary_matches_the_engine_convention():
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     cos, sin = RotaryEmbedding(cfg)(positions, torch.float32)
     q = _randn(1, 8, 2, 32, seed=13, grad=False)
-    qo, _ = rotary.apply_rotary(q, q[:, :, :1], RotaryEmbedding(cfg).inverse_frequencies(torch.device("cpu")).to(DEVICE),
-                                position_ids=positions.to(DEVICE))
+    inv_freq = RotaryEmbedding(cfg).inverse_frequencies(torch.device("cpu")).to(DEVICE)
+    qo, _ = rotary.apply_rotary(q, q[:, :, :1], inv_freq, position_ids=positions.to(DEVICE))
     assert relative_error(qo.cpu(), apply_rotary(q.cpu(), cos, sin)) <= 1e-6
 
 
