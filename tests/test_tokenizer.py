@@ -267,6 +267,21 @@ def test_load_refuses_changed_files(tokenizers: dict[str, ChrysalisTokenizer], t
         load_saved_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("escape", ["../outside.model", "/etc/passwd", "sub/../../outside.model"])
+def test_load_refuses_files_outside_the_directory(tokenizers: dict[str, ChrysalisTokenizer], tmp_path: Path,
+                                                  escape: str) -> None:
+    saved = tmp_path / "saved"
+    tokenizers["tiktoken"].save(saved)
+    # A real tokenizer file outside the folder: without the check it would load (and the fingerprint may pass).
+    (tmp_path / "outside.model").write_bytes((saved / "tokenizer.model").read_bytes())
+    config_path = saved / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["files"] = [escape]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TokenizerFormatError, match="outside"):
+        load_saved_tokenizer(saved)
+
+
 def test_save_refuses_the_source_directory(tokenizer_files: dict[str, Path]) -> None:
     tokenizer = build_tokenizer("huggingface", tokenizer_files["huggingface"])
     with pytest.raises(ValueError, match="directory it was loaded from"):

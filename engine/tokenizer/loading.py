@@ -86,7 +86,7 @@ def load_saved_tokenizer(directory: str | Path) -> ChrysalisTokenizer:
             f"code reads version {SAVED_FORMAT_VERSION}"
         )
     tokenizer_type = config["type"]
-    files = [directory / name for name in config["files"]]
+    files = [_file_inside(directory, name, config_path) for name in config["files"]]
     if tokenizer_type == "huggingface":
         from engine.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 
@@ -102,3 +102,14 @@ def load_saved_tokenizer(directory: str | Path) -> ChrysalisTokenizer:
             f"{config_path}; they were changed after saving"
         )
     return tokenizer
+
+
+def _file_inside(directory: Path, name: object, config_path: Path) -> Path:
+    """`directory / name`, refusing names that leave the directory (absolute paths, `..`, links out)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise TokenizerFormatError(f"{config_path}: 'files' holds {name!r}, not a file name")
+    path = directory / name
+    root = directory.resolve()
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+        raise TokenizerFormatError(f"{config_path}: tokenizer file {name!r} is outside {directory}")
+    return path
