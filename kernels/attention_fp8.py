@@ -253,6 +253,9 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
         bounds = document_bounds(document_ids, cu_seqlens=cu_seqlens, batch=b, seq_len=s, device=q.device)
     q, k, v = autocast_inputs(q, k, v)
     _check_inputs(q, k, v, bounds)
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise RuntimeError("attention_fp8 needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer); "
+                           "use --attention-backend triton on this GPU")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, _ = _DocumentAttentionFP8.apply(q, k, v, bounds.start, bounds.end, scale, block)
     return out.squeeze(0).permute(1, 0, 2) if thd else out

@@ -101,12 +101,12 @@ def _ce_grad_kernel(LOGITS, LABELS, LSE, stride_l, n_rows, n_cols, n_real, vocab
 
 # ------------------------------------------------------------------------------------------------ host side
 def _block(n_cols: int) -> int:
-    return min(4096 if INTERPRET else 2048, max(16, next_power_of_2(n_cols)))
+    return min(4096 if INTERPRET else 1024, max(16, next_power_of_2(n_cols)))
 
 
-# Rows per program: one on a GPU (a row of a 128k vocabulary is plenty of work); 16 under the interpreter, whose
-# cost is per operation, not per element.
-_BLOCK_R = 16 if INTERPRET else 1
+# Rows per program: two on a GPU (rows of a 128k vocabulary are plenty of work; [2, 1024] fp32 tiles keep the
+# registers low); 16 under the interpreter, whose cost is per operation, not per element.
+_BLOCK_R = 16 if INTERPRET else 2
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

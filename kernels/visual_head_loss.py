@@ -133,8 +133,8 @@ def _block(n_cols: int) -> int:
     return min(1024 if not INTERPRET else 2048, max(16, next_power_of_2(n_cols)))
 
 
-# Rows per program: one on a GPU; 16 under the interpreter, whose cost is per operation, not per element.
-_BLOCK_R = 16 if INTERPRET else 1
+# Rows per program: two on a GPU; 16 under the interpreter, whose cost is per operation, not per element.
+_BLOCK_R = 16 if INTERPRET else 2
 
 
 def _grid(rows: int) -> tuple[int]:
