@@ -70,6 +70,11 @@ def run_build(config: BuildConfig) -> dict:
         raise BuildError(f"--tokenizer-model {config.tokenizer_model}: {error}") from None
     _check_template(config, tokenizer)
     encoder = collective.run_on_root(lambda: describe_backend(config))
+    if config.targets == "vae-latents":
+        from preprocess.vae_latents import describe_vae
+
+        config = dataclasses.replace(config, vae_info=collective.run_on_root(
+            lambda: describe_vae(config.vae, config.vae_image_size)))
     locks = []
 
     def plan() -> dict:

@@ -135,7 +135,7 @@ def _check_resume(out: Path, state: dict, previous: dict) -> None:
 def remove_temp_files(out: Path) -> None:
     """Our own leftovers of an interrupted write: `*.tmp` files, and a half-saved tokenizer directory."""
     shutil.rmtree(out / TOKENIZER_TMP, ignore_errors=True)
-    for directory in (out, out / "shards", out / "embeddings", out / PARTS_DIR, out / "tokenizer"):
+    for directory in (out, out / "shards", out / "embeddings", out / "latents", out / PARTS_DIR, out / "tokenizer"):
         if directory.is_dir():
             for path in directory.glob("*.tmp"):
                 if path.is_file() or path.is_symlink():
@@ -186,7 +186,7 @@ def prepare(config: BuildConfig, tokenizer, encoder: dict) -> tuple[dict, Output
         if status == "resume":
             _check_resume(out, state, read_build_state(out))
         try:
-            for directory in ("shards", "embeddings", PARTS_DIR):
+            for directory in ("shards", "embeddings", PARTS_DIR) + (("latents",) if config.targets != "siglip" else ()):
                 (out / directory).mkdir(exist_ok=True)
             remove_temp_files(out)
             write_bytes_atomic(out / BUILD_STATE, json.dumps(state, sort_keys=True, indent=1).encode())

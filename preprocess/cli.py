@@ -42,6 +42,14 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="reject (image_too_large) images whose decoded size exceeds N pixels, before decoding "
                        "them (default: %(default)s)")
+    build.add_argument("--targets", choices=["siglip", "vae-latents"], default="siglip",
+                       help="siglip: SigLIP rows per image (VPiT); vae-latents: also every image's VAE latent "
+                       "(MetaQuery's targets, no VAE encoder in training; needs --vae). Default: %(default)s")
+    build.add_argument("--vae", metavar="DIR", help="local diffusers AutoencoderKL/AutoencoderDC directory, or a "
+                       "pipeline directory with vae/ (Stable Diffusion 1.5, Sana), for --targets vae-latents")
+    build.add_argument("--vae-image-size", type=int, default=512, metavar="S",
+                       help="latents of the S x S center crop after resizing the shorter side to S (MetaQuery's "
+                       "target_image_size; default: %(default)s)")
     build.add_argument("--device", help="encoder device (default: cuda if available, else cpu)")
     build.add_argument("--workers", type=int, default=1, help="local worker processes (per MPI rank)")
     build.add_argument("--output", required=True, metavar="OUT")
@@ -72,6 +80,7 @@ def _build(args) -> int:
             embeddings_dir=args.embeddings_dir, seq_length=args.seq_length, overlong=args.overlong,
             samples_per_shard=args.samples_per_shard, encode_batch_size=args.encode_batch_size,
             image_decoder=args.image_decoder, max_image_pixels=args.max_image_pixels, device=args.device,
+            targets=args.targets, vae=args.vae, vae_image_size=args.vae_image_size,
             workers=args.workers, resume=args.resume, strict=args.strict, progress=not args.no_progress)
         run_build(config)
     except BuildError as error:

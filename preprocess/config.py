@@ -12,6 +12,9 @@ from engine.vision_encoder import DEFAULT_FEATURE_LAYER
 # Exit statuses of `build` (docs/preprocess.md).
 EXIT_CONFIG = 2  # bad flags, inputs or output directory; --strict stop; nothing useful was written
 EXIT_INTERRUPTED = 3  # a worker died (killed, out of memory): finished shards are kept, finish with --resume
+# What a build stores per image: SigLIP rows always (VPiT, and MetaQuery's prompt images); `vae-latents` adds the
+# VAE latent of every image (MetaQuery's targets, engine/data/latents.py).
+TARGETS = ("siglip", "vae-latents")
 
 
 class BuildError(RuntimeError):
@@ -55,6 +58,12 @@ class BuildConfig:
     resume: bool = False
     strict: bool = False
     progress: bool = True
+    # `--targets vae-latents`: also store every image's VAE latent (preprocess/vae_latents.py); `vae_info` is
+    # `describe_vae`'s entry, filled in by run_build on rank 0 before any shard is built.
+    targets: str = "siglip"
+    vae: str | None = None
+    vae_image_size: int = 512
+    vae_info: dict | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +77,16 @@ class BuildConfig:
             problems.append("--samples-per-shard, --encode-batch-size and --workers must be >= 1")
         if self.max_image_pixels < 1:
             problems.append("--max-image-pixels must be >= 1")
+        if self.targets not in TARGETS:
+            problems.append(f"--targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+        if self.targets == "vae-latents" and not self.vae:
+            problems.append("--targets vae-latents needs --vae (a local diffusers AutoencoderKL/DC directory, or a "
+                            "pipeline directory with vae/)")
+        if self.vae and self.targets != "vae-latents":
+            problems.append("--vae is only used with --targets vae-latents")
+        if self.targets == "vae-latents" and self.embeddings_dir is not None:
+            problems.append("--targets vae-latents needs the images themselves: it cannot be combined with "
+                            "--embeddings-dir")
         if self.vision_encoder is None and self.embeddings_dir is None:
             problems.append("give --vision-encoder (a local SigLIP directory or tiny-random) or --embeddings-dir")
         if problems:
@@ -77,4 +96,6 @@ class BuildConfig:
         """Settings that change the output bytes (compared on --resume, recorded in the manifest)."""
         return {"seq_length": self.seq_length, "chat_template": self.chat_template, "overlong": self.overlong,
                 "samples_per_shard": self.samples_per_shard, "encode_batch_size": self.encode_batch_size,
-                "embeddings_dir": self.embeddings_dir is not None, "max_image_pixels": self.max_image_pixels}
+                "embeddings_dir": self.embeddings_dir is not None, "max_image_pixels": self.max_image_pixels,
+                **({"targets": self.targets, "vae": (self.vae_info or {}).get("fingerprint"),
+                    "vae_image_size": self.vae_image_size} if self.targets != "siglip" else {})}

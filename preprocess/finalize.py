@@ -2,7 +2,8 @@
 
   * `assign_rows` (rank 0): walk the parts in shard order and give every distinct image hash one global row.
   * `finalize_shard` (the rank that built the shard): keep only the shard's first-seen rows in its segment
-    (a rename when all are new, the common case) and write its `image_rows.npy`.
+    (a rename when all are new, the common case) and write its `image_rows.npy`; with `--targets vae-latents`
+    the shard's latent segment keeps the same rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.atomic import save_npy_atomic
+from engine.data.latents import finalize_latent_part, latent_segment_path
 from engine.data.manifest import sha256_file
 from engine.data.shards import ROW_BYTES, segment_path, shard_prefix
 from preprocess.config import BuildError
@@ -70,6 +72,10 @@ def finalize_shard(out: Path, shard: int, local_rows: int, keep: list[int], mapp
     files = {}
     if keep:
         files[segment_path(shard)] = [sha256_file(final), final.stat().st_size]
+    latent_part = part_path(out, shard, ".lat")  # --targets vae-latents: the same rows of the latent store
+    if latent_part.exists() and finalize_latent_part(latent_part, out / latent_segment_path(shard), local_rows, keep):
+        latents = out / latent_segment_path(shard)
+        files[latent_segment_path(shard)] = [sha256_file(latents), latents.stat().st_size]
     if not has_streams:
         return files
     rows_path = out / f"{shard_prefix(shard)}.image_rows.npy"

@@ -23,6 +23,7 @@ from engine.data.manifest import (  # noqa: F401 (re-exported)
     serialize_manifest,
     sha256_file,
 )
+from engine.data.latents import latent_segment_path
 from engine.data.shards import segment_path, shard_prefix
 from preprocess.build_state import BUILD_STATE
 from preprocess.shard_builder import PARTS_DIR
@@ -86,6 +87,7 @@ def write_manifest(out: Path, config, state: dict, tokenizer, summaries: list[di
         "shards": shards,
         "embeddings": {"dtype": "bfloat16", "row_shape": [TOKENS_PER_IMAGE, VISION_DIM], "rows": len(row_hashes),
                        "index": "embeddings/index.npy", "segments": segments},
+        **({"latents": latents_entry(config.vae_info, len(row_hashes), segments)} if config.vae_info else {}),
         "counts": {key: int(counts.get(key, 0)) for key in COUNT_KEYS},
         "truncated": int(counts.get("truncated", 0)),
         "padding_tokens": int(sequences * config.seq_length - counts["tokens"]),
@@ -99,6 +101,14 @@ def write_manifest(out: Path, config, state: dict, tokenizer, summaries: list[di
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
+
+
+def latents_entry(vae: dict, rows: int, segments: list[dict]) -> dict:
+    """`manifest.latents` (engine/data/latents.py): one latent segment per embedding segment, same rows."""
+    return {"dtype": "bfloat16", "row_shape": list(vae["row_shape"]), "rows": rows,
+            "index": "embeddings/index.npy", "vae": {k: v for k, v in vae.items() if k != "path"},
+            "segments": [{"path": latent_segment_path(s["shard"]), "rows": s["rows"], "shard": s["shard"]}
+                         for s in segments]}
 
 
 def _json_line(entry: dict) -> str:

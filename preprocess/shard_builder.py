@@ -69,6 +69,7 @@ class _ShardState:
     pending: list[_Pending] = field(default_factory=list)
     pending_blobs: dict[str, bytes] = field(default_factory=dict)
     encode_queue: list[torch.Tensor] = field(default_factory=list)
+    latent_queue: list[torch.Tensor] = field(default_factory=list)  # --targets vae-latents, in step with encode_queue
     rejects: list[dict] = field(default_factory=list)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     counts: collections.Counter = field(default_factory=collections.Counter)
@@ -96,6 +97,7 @@ class ShardBuilder:
         self.encoder = encoder
         self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
         self._backend = None
+        self._latent_backend = None
         self._source = None
         self.torch_threads = torch_threads
         self.out = Path(config.output)
@@ -114,6 +116,16 @@ class ShardBuilder:
                 torch.set_num_threads(self.torch_threads)
             self._backend = build_backend(self.config, self.encoder.get("fingerprint"))
         return self._backend
+
+    @property
+    def latent_backend(self):
+        """`--targets vae-latents`: the VAE (built on first use, like the encoder), else None."""
+        if self._latent_backend is None and self.config.targets == "vae-latents":
+            from preprocess.vae_latents import VaeLatentBackend
+
+            self._latent_backend = VaeLatentBackend(self.config.vae_info, self.config.device,
+                                                    self.config.max_image_pixels)
+        return self._latent_backend
 
     @property
     def source(self):
@@ -201,6 +213,7 @@ class ShardBuilder:
     def _resolve(self, state: _ShardState, final: bool) -> None:
         """Decode the pending images, accept or reject the pending records, encode full batches."""
         decoded: dict[str, torch.Tensor] = {}
+        latent_pixels: dict[str, torch.Tensor] = {}
         if state.pending_blobs:
             results = self.backend.decode_batch(list(state.pending_blobs.values()))
             for digest, result in zip(state.pending_blobs, results):
@@ -208,6 +221,14 @@ class ShardBuilder:
                     state.bad[digest] = result
                 else:
                     decoded[digest] = result
+            if self.latent_backend is not None:  # the same bytes through the VAE's target transform
+                for digest, result in zip(state.pending_blobs,
+                                          self.latent_backend.decode_batch(list(state.pending_blobs.values()))):
+                    if isinstance(result, Exception):
+                        state.bad.setdefault(digest, result)
+                        decoded.pop(digest, None)
+                    else:
+                        latent_pixels[digest] = result
         for pending in state.pending:
             error = next((state.bad[d] for d in pending.hashes if d in state.bad), None)
             if error is not None:
@@ -218,6 +239,8 @@ class ShardBuilder:
                     state.local_rows[digest] = len(state.hashes)
                     state.hashes.append(digest)
                     state.encode_queue.append(decoded.pop(digest))
+                    if self.latent_backend is not None:
+                        state.latent_queue.append(latent_pixels.pop(digest))
             self._accept(state, pending.document, pending.hashes)
         state.pending.clear()
         state.pending_blobs.clear()
@@ -228,6 +251,9 @@ class ShardBuilder:
             rows = self.backend.encode(state.encode_queue[:batch])
             del state.encode_queue[:batch]
             self._embedding_writer.append(rows)
+            if self.latent_backend is not None:
+                self._latent_writer.append(self.latent_backend.encode(state.latent_queue[:batch]))
+                del state.latent_queue[:batch]
 
     def _report(self, state: _ShardState) -> None:
         now = (state.counts["samples_read"], state.counts["tokens"], state.counts["images"])
@@ -244,6 +270,11 @@ class ShardBuilder:
                 os.kill(os.getpid(), signal.SIGKILL)
         state = _ShardState(task)
         self._embedding_writer = EmbeddingPartWriter(part_path(self.out, task.shard, ".emb"))
+        if self.config.targets == "vae-latents":
+            from engine.data.latents import LatentPartWriter
+
+            self._latent_writer = LatentPartWriter(part_path(self.out, task.shard, ".lat"),
+                                                   self.config.vae_info["row_shape"])
         self._reported = (0, 0, 0)
         records = iter_task_records(task)
         while chunk := list(itertools.islice(records, ENCODE_CHUNK)):
@@ -255,6 +286,8 @@ class ShardBuilder:
         self._resolve(state, final=True)
         self._report(state)
         self._embedding_writer.commit()
+        if self.config.targets == "vae-latents":
+            self._latent_writer.commit()
         files, sequences = self._write(task, state)
         state.counts["samples_written"] = len(state.documents)
         state.counts["documents"] = len(state.documents)
@@ -265,6 +298,7 @@ class ShardBuilder:
             "shard": task.shard, "task": dataclasses.asdict(task), "counts": dict(state.counts),
             "skipped": dict(state.skipped), "rejects": state.rejects, "hashes": state.hashes, "files": files,
             "vision_encoder": self.encoder.get("fingerprint"),
+            **({"vae": self.config.vae_info["fingerprint"]} if self.config.targets == "vae-latents" else {}),
         }
         write_bytes_atomic(part_path(self.out, task.shard, ".json"), json.dumps(summary, sort_keys=True).encode())
         self.completed += 1

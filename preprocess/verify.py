@@ -58,6 +58,10 @@ def verify_build(path: str | Path) -> tuple[list[str], list[str]]:
     try:
         _check_tokenizer(out, manifest, faults)
         rows_total = _check_embeddings(out, manifest, faults)
+        if "latents" in manifest:  # --targets vae-latents
+            from preprocess.vae_latents import check_latents
+
+            check_latents(out, manifest, faults)
         totals = {key: 0 for key in ("sequences", "documents", "images", "tokens")}
         for shard in manifest["shards"]:
             shard_files = [f for f in manifest["sha256"] if f.startswith(shard["tokens"] + ".")]

@@ -1,0 +1,158 @@
+"""VAE latents of a build's images (`preprocess build --targets vae-latents`): the store MetaQuery trains from.
+
+The latent store sits beside the SigLIP embedding store and shares its row numbering: global latent row r is
+the latent of the image whose SigLIP embedding is global row r (same deduplication by the image bytes' sha256,
+same segments, one per shard that met the image first; `embeddings/index.npy` gives the hash of every row).
+Every image of the build has a latent, prompt images included, so the same build trains VPiT (SigLIP rows)
+and MetaQuery (prompt SigLIP rows, target latents), and a future recipe conditioning on source latents.
+
+    latents/lat-00000.bin     bf16 [rows, *row_shape], raw little-endian, one segment per embedding segment
+    manifest.json "latents"   {"dtype": "bfloat16", "row_shape", "rows", "segments": [{"path", "rows", "shard"}],
+                               "vae": {name, class, kind, latent_channels, downsample, image_size, scaling_factor,
+                                       shift_factor, resize, fingerprint, ...}}
+
+Row layout by `vae.kind`:
+  * "gaussian" (AutoencoderKL): [2C, h, w] = the posterior's mean then its standard deviation, so training draws
+    `mean + std * noise` each time it reads the row, as the reference's online `latent_dist.sample()` does.
+  * "deterministic" (AutoencoderDC, Sana's): [C, h, w] = `encode(x).latent`.
+Latents are stored raw (before `shift_factor` / `scaling_factor`); `LatentStore.scaled` applies them as the
+reference does (`(z - shift) * scale`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.data.atomic import replace_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+LATENT_DIR = "latents"
+LATENT_KINDS = ("gaussian", "deterministic")
+
+
+def latent_segment_path(shard: int) -> str:
+    return f"{LATENT_DIR}/lat-{shard:05d}.bin"
+
+
+def row_bytes(row_shape) -> int:
+    return int(np.prod(row_shape)) * 2
+
+
+class LatentPartWriter:
+    """Appends bf16 latent rows [n, *row_shape] to a raw file; renamed into place by `commit`."""
+
+    def __init__(self, path: str | Path, row_shape) -> None:
+        self.path = str(path)
+        self.row_shape = tuple(int(d) for d in row_shape)
+        self.handle = open(self.path + ".tmp", "wb")
+        self.rows = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        import torch
+
+        if rows.dtype != torch.bfloat16 or tuple(rows.shape[1:]) != self.row_shape:
+            raise ValueError(f"latent rows must be bf16 [n, {', '.join(map(str, self.row_shape))}], got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+        # bf16 has no numpy dtype: its bit pattern as little-endian int16 (as the embedding store).
+        self.handle.write(rows.contiguous().cpu().view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
+        self.rows += rows.shape[0]
+
+    def commit(self) -> None:
+        self.handle.close()
+        replace_atomic(self.path + ".tmp", self.path)
+
+
+def finalize_latent_part(part: Path, final: Path, local_rows: int, keep: list[int]) -> bool:
+    """The shard's latent segment with its first-seen rows only (the embedding segment's `keep` list); returns
+    whether a segment was written. A rename when every row is new (the common case)."""
+    import os
+
+    if not part.exists():
+        return False
+    if not keep:
+        part.unlink()
+        return False
+    if len(keep) == local_rows:
+        os.replace(part, final)
+        return True
+    data = np.memmap(part, dtype=np.uint8, mode="r").reshape(local_rows, -1)
+    with open(str(final) + ".tmp", "wb") as handle:
+        for local in keep:
+            handle.write(data[local].tobytes())
+    del data
+    replace_atomic(str(final) + ".tmp", final)
+    part.unlink()
+    return True
+
+
+class LatentStore:
+    """Random access to a build's latent rows (memory-mapped segments).
+
+    Args:
+        out_dir: the build directory.
+        manifest: its manifest (already checked by `engine.data.manifest.load_manifest`).
+
+    Raises:
+        ValueError: the build has no latents (`--targets vae-latents` was not given), naming the fix.
+    """
+
+    def __init__(self, out_dir: str | Path, manifest: dict) -> None:
+        info = manifest.get("latents")
+        out_dir = Path(out_dir)
+        if not isinstance(info, dict):
+            raise ValueError(f"{out_dir}: the build has no VAE latents; rebuild it with "
+                             "`python -m preprocess build ... --targets vae-latents --vae VAE_DIR`")
+        self.info = info
+        self.vae = info["vae"]
+        self.row_shape = tuple(int(d) for d in info["row_shape"])
+        self.kind = self.vae["kind"]
+        if self.kind not in LATENT_KINDS:
+            raise ValueError(f"{out_dir}/manifest.json: latents.vae.kind {self.kind!r} is not one of {LATENT_KINDS}")
+        segments = info["segments"]
+        self._first = np.concatenate([[0], np.cumsum([s["rows"] for s in segments])]).astype(np.int64)
+        if int(self._first[-1]) != int(info["rows"]):
+            raise ValueError(f"{out_dir}/manifest.json: latent segments hold {int(self._first[-1])} rows, "
+                             f"latents.rows says {info['rows']}")
+        self._segments = [np.memmap(out_dir / s["path"], dtype="<i2", mode="r", shape=(s["rows"], *self.row_shape))
+                          if s["rows"] else None for s in segments]
+
+    @property
+    def rows(self) -> int:
+        return int(self._first[-1])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """[C, h, w] of one latent (half the stored channels for a gaussian row)."""
+        c, h, w = self.row_shape
+        return (c // 2 if self.kind == "gaussian" else c, h, w)
+
+    def rows_of(self, rows) -> torch.Tensor:
+        """Global rows -> bf16 [n, *row_shape] (a fresh tensor)."""
+        import torch
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((rows.shape[0], *self.row_shape), dtype="<i2")
+        if rows.size:
+            if rows.min() < 0 or rows.max() >= self.rows:
+                raise IndexError(f"latent row out of range [0, {self.rows})")
+            segments = np.searchsorted(self._first, rows, side="right") - 1
+            for slot, (segment, row) in enumerate(zip(segments, rows)):
+                out[slot] = self._segments[segment][row - self._first[segment]]
+        return torch.from_numpy(out).view(torch.bfloat16)
+
+    def scaled(self, stored: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows [n, *row_shape] -> the decoder's latents [n, C, h, w] in fp32: a posterior sample (mean +
+        std * noise; the mean when `noise` is None) for gaussian rows, then `(z - shift_factor) * scaling_factor`."""
+        z = stored.float()
+        if self.kind == "gaussian":
+            mean, std = z.chunk(2, dim=1)
+            z = mean if noise is None else mean + std * noise
+        shift = self.vae.get("shift_factor")
+        if shift is not None:
+            z = z - float(shift)
+        return z * float(self.vae["scaling_factor"])
