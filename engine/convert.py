@@ -23,6 +23,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", text.strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB")
+    unit = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
+    return int(float(match.group(1)) * unit[match.group(2)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("hf-to-chrysalis", help="import a local Hugging Face LLaMA (safetensors)")
+    imp.add_argument("--hf-dir", required=True, type=Path)
+    imp.add_argument("--output", required=True, type=Path)
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="(default: %(default)s)")
+    imp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: keep the stored dtype")
+    imp.add_argument("--seed", type=int, default=0, help="seed for the new projector and head (default: %(default)s)")
+    imp.add_argument("--tokenizer-type", choices=["sentencepiece", "tiktoken", "huggingface"], default=None,
+                     help="store a copy of this tokenizer in the checkpoint")
+    imp.add_argument("--tokenizer-model", type=Path, default=None)
+    exp = sub.add_parser("chrysalis-to-hf", help="export to a Hugging Face LLaMA directory")
+    exp.add_argument("--load", required=True, type=Path)
+    exp.add_argument("--output", required=True, type=Path)
+    exp.add_argument("--max-shard-size", type=_parse_size, default=5 * 1024**3, help="(default: 5GB)")
+    return parser
+
+
+if __name__ == "__main__":  # `python -m engine.convert`: --help and usage errors answer before torch is imported
+    build_parser().parse_args()
+
 import torch
 
 from engine.checkpoint_io import (
@@ -311,34 +342,11 @@ def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: in
     return out
 
 
-def _parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", text.strip().upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB")
-    unit = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
-    return int(float(match.group(1)) * unit[match.group(2)])
-
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("hf-to-chrysalis", help="import a local Hugging Face LLaMA (safetensors)")
-    imp.add_argument("--hf-dir", required=True, type=Path)
-    imp.add_argument("--output", required=True, type=Path)
-    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    imp.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep the stored dtype")
-    imp.add_argument("--seed", type=int, default=0, help="seed for the new projector and head")
-    imp.add_argument("--tokenizer-type", choices=["sentencepiece", "tiktoken", "huggingface"], default=None,
-                     help="store a copy of this tokenizer in the checkpoint")
-    imp.add_argument("--tokenizer-model", type=Path, default=None)
-    exp = sub.add_parser("chrysalis-to-hf", help="export to a Hugging Face LLaMA directory")
-    exp.add_argument("--load", required=True, type=Path)
-    exp.add_argument("--output", required=True, type=Path)
-    exp.add_argument("--max-shard-size", type=_parse_size, default=5 * 1024**3)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "hf-to-chrysalis":
             tokenizer = None

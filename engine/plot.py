@@ -1,8 +1,11 @@
 """Loss curves from `--log-jsonl` files: text, visual and total loss side by side, one line per run.
 
-    python -m engine.plot runs/a/log.jsonl runs/b/log.jsonl --output curves.png [--smooth 20] [--labels A B]
+    python -m engine.plot runs/a/log.jsonl runs/b/log.jsonl --output curves.png [--smooth 20] [--labels A B] \
+        [--log-y]
 
 Skipped (non-finite) steps are left out; validation losses, when logged, are drawn as markers on the text panel.
+`--log-y` draws the losses on a logarithmic axis (a loss that falls by orders of magnitude stays readable after the
+first steps).
 Needs matplotlib (`pip install matplotlib`).
 """
 
@@ -43,7 +46,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_runs(paths: list[str], output: str, labels: list[str] | None = None, smooth: int = 1) -> Path:
+def draw_runs(paths: list[str], labels: list[str] | None = None, smooth: int = 1, log_y: bool = False):
+    """The matplotlib figure (three panels: text, visual, total loss; one line per run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,21 +63,34 @@ def plot_runs(paths: list[str], output: str, labels: list[str] | None = None, sm
             raise ValueError(f"{path}: no records")
         for ax, (key, _) in zip(axes, PANELS):
             points = [(r["iteration"], r[key]) for r in records if r.get(key) is not None and not r.get("skipped")]
+            if log_y:  # a log axis cannot show zero or negative values
+                points = [(x, y) for x, y in points if y > 0]
             if points:
                 xs, ys = zip(*points)
                 (line,) = ax.plot(xs, moving_average(list(ys), smooth), label=label, linewidth=1.2)
                 if key == "lm_loss":
                     valid = [(r["iteration"], r["valid_lm_loss"]) for r in records
-                             if r.get("valid_lm_loss") is not None]
+                             if r.get("valid_lm_loss") is not None and (not log_y or r["valid_lm_loss"] > 0)]
                     if valid:
                         vx, vy = zip(*valid)
                         ax.plot(vx, vy, "o", color=line.get_color(), markersize=4, label=f"{label} (valid)")
     for ax, (_, title) in zip(axes, PANELS):
-        ax.set_title(title)
+        ax.set_title(title + (" (log scale)" if log_y else ""))
         ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both" if log_y else "major")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(paths: list[str], output: str, labels: list[str] | None = None, smooth: int = 1,
+              log_y: bool = False) -> Path:
+    """Draws the runs and writes the figure to `output` (png, pdf, svg)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(paths, labels, smooth, log_y)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -82,21 +99,25 @@ def plot_runs(paths: list[str], output: str, labels: list[str] | None = None, sm
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logs", nargs="+", help="--log-jsonl files, one per run")
-    parser.add_argument("--output", required=True, help="image file (png, pdf, svg)")
-    parser.add_argument("--labels", nargs="+", default=None)
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window in steps")
+    parser = argparse.ArgumentParser(prog="python -m engine.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", metavar="LOG", help="--log-jsonl files, one per run")
+    parser.add_argument("--output", required=True, metavar="FILE", help="image file (png, pdf, svg)")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                        help="one per log (default: the file names)")
+    parser.add_argument("--smooth", type=int, default=1, metavar="N",
+                        help="moving-average window in steps (default: %(default)s, no smoothing)")
+    parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis (default: linear)")
     args = parser.parse_args(argv)
     try:
-        out = plot_runs(args.logs, args.output, args.labels, args.smooth)
+        out = plot_runs(args.logs, args.output, args.labels, args.smooth, log_y=args.log_y)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ImportError:
         print("error: engine.plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    print(f"wrote {out.resolve()}")
     return 0
 
 

@@ -12,20 +12,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ModelConfig
-from engine.training import checkpoint as ckpt
-from engine.training.parallel import ParallelInfo
+
+if TYPE_CHECKING:  # torch and the checkpoint code are imported on use: `--help` stays fast
+    import torch
 
 _VOCAB_KEYS = ("base_vocab_size", "image_start_id", "image_end_id")
 
 
-def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(VPiTModel, tokenizer or None, completion record) from a training checkpoint; single process."""
+def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """(VPiTModel, tokenizer or None, completion record) from a training checkpoint; single process (fp32 unless
+    `dtype`)."""
+    import torch
+
     from engine.model import VPiTModel
+    from engine.training import checkpoint as ckpt
+    from engine.training.parallel import ParallelInfo
+
+    dtype = dtype or torch.float32
 
     if not Path(load).exists():
         raise FileNotFoundError(f"--load {load}: no such file or directory")
@@ -76,10 +82,12 @@ def export_training_checkpoint(load: str | Path, output: str | Path, *, hf_outpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--hf-output", default=None)
+    parser = argparse.ArgumentParser(prog="python -m engine.training.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, metavar="CKPT", help="training --save directory or one iter_*")
+    parser.add_argument("--output", required=True, metavar="MODEL_DIR", help="model-only checkpoint to write")
+    parser.add_argument("--hf-output", default=None, metavar="HF_DIR",
+                        help="also export to Hugging Face safetensors here (default: no)")
     args = parser.parse_args(argv)
     try:
         out = export_training_checkpoint(args.load, args.output, hf_output=args.hf_output)

@@ -106,10 +106,11 @@ class SigLIPConditioner(nn.Module):
         return self.norms[-1](self.layers[-1](x))
 
 
-def tiny_visualizer_components(seed: int = 0, resolution: int = 32, vae=None):
+def tiny_visualizer_components(seed: int = 0, resolution: int = 32, vae=None, prediction_type: str = "epsilon"):
     """(unet, vae, scheduler) of a tiny random config: 2-level UNet (32, 64 channels), 2-level VAE (4x smaller
     latents than SD's 8x: a 32 px image has 16 x 16 latents), 1000-step DDPM schedule. Built from config only;
-    `vae` replaces the random autoencoder (e.g. one trained by `engine.visualizer.autoencoder`)."""
+    `vae` replaces the random autoencoder (e.g. one trained by `engine.visualizer.autoencoder`);
+    `prediction_type` is the UNet's target (diffusers' names: epsilon as SD 1.5, v_prediction, sample)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from engine.visualizer.autoencoder import tiny_autoencoder
@@ -126,7 +127,7 @@ def tiny_visualizer_components(seed: int = 0, resolution: int = 32, vae=None):
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                                     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, prediction_type="epsilon",
+                              beta_end=0.012, clip_sample=False, prediction_type=prediction_type,
                               steps_offset=1)
     return unet, vae, scheduler
 
@@ -164,9 +165,9 @@ class Visualizer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
-    def tiny(cls, seed: int = 0, resolution: int = 32, vae=None, conditioner: ConditionerConfig | None = None
-             ) -> Visualizer:
-        unet, vae, scheduler = tiny_visualizer_components(seed, resolution, vae=vae)
+    def tiny(cls, seed: int = 0, resolution: int = 32, vae=None, conditioner: ConditionerConfig | None = None,
+             prediction_type: str = "epsilon") -> Visualizer:
+        unet, vae, scheduler = tiny_visualizer_components(seed, resolution, vae=vae, prediction_type=prediction_type)
         conditioner = conditioner or ConditionerConfig(output_dim=unet.config.cross_attention_dim)
         return cls(unet, vae, scheduler, resolution=resolution, conditioner=conditioner, seed=seed)
 
@@ -257,7 +258,8 @@ class Visualizer(nn.Module):
 
     def training_loss(self, pixels: torch.Tensor, tokens: torch.Tensor, *, cfg_prob: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """ε-prediction MSE of one batch (the reference's loss).
+        """MSE of the UNet's prediction of one batch: of the noise ε for the scheduler's `prediction_type` "epsilon"
+        (the reference's, SD 1.5's), of the velocity for "v_prediction", of the clean latents for "sample".
 
         Args:
             pixels: [B, 3, R, R] in [-1, 1].
@@ -276,7 +278,16 @@ class Visualizer(nn.Module):
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         drop = (torch.rand(b, generator=generator) < cfg_prob).to(device)
         predicted = self.unet(noisy, timesteps, encoder_hidden_states=self.condition(tokens.to(device), drop)).sample
-        return F.mse_loss(predicted.float(), noise.float())
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+        return F.mse_loss(predicted.float(), target.float())
 
     # ------------------------------------------------------------------------------------------- rendering
     @torch.no_grad()

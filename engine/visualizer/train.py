@@ -39,6 +39,7 @@ class VisualizerTrainingConfig:
     condition_hidden_dim: int = 2048
     condition_layers: int = 2
     condition_tokens: int = 77
+    prediction_type: str = "epsilon"  # tiny config only; Stable Diffusion's scheduler config decides
     micro_batch_size: int = 8
     train_iters: int = 1000
     lr: float = 1e-4
@@ -55,6 +56,11 @@ class VisualizerTrainingConfig:
             raise ValueError(f"--cfg-prob must be in [0, 1], got {self.cfg_prob}")
         if self.micro_batch_size < 1 or self.train_iters < 0:
             raise ValueError("--micro-batch-size must be >= 1 and --train-iters >= 0")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"--prediction-type must be epsilon, v_prediction or sample, got {self.prediction_type}")
+        if self.pretrained and self.prediction_type != "epsilon":
+            raise ValueError("--prediction-type goes with the tiny config; Stable Diffusion's scheduler config "
+                             "decides it for --pretrained")
         if self.vae and self.pretrained:
             raise ValueError("--vae goes with the tiny config; --pretrained brings Stable Diffusion's own VAE")
 
@@ -102,12 +108,12 @@ def build_visualizer(config: VisualizerTrainingConfig, log=print):
     else:
         log("building the tiny visualizer (random, frozen autoencoder: its pictures are noise; see --vae)")
     resolution = config.resolution or (vae.config.sample_size if vae is not None else 32)
-    visualizer = Visualizer.tiny(seed=config.seed, resolution=resolution, vae=vae)
-    if (config.condition_hidden_dim, config.condition_layers, config.condition_tokens) != (2048, 2, 77):
-        visualizer = Visualizer(visualizer.unet, visualizer.vae, visualizer.scheduler, resolution=resolution,
-                                conditioner=_conditioner_config(config, visualizer.unet.config.cross_attention_dim),
-                                seed=config.seed)
-    return visualizer
+    from engine.visualizer.model import tiny_visualizer_components
+
+    unet, vae, scheduler = tiny_visualizer_components(config.seed, resolution, vae=vae,
+                                                      prediction_type=config.prediction_type)
+    return Visualizer(unet, vae, scheduler, resolution=resolution,
+                      conditioner=_conditioner_config(config, unet.config.cross_attention_dim), seed=config.seed)
 
 
 def train_visualizer(config: VisualizerTrainingConfig, log=print) -> list[float]:
@@ -138,6 +144,7 @@ def train_visualizer(config: VisualizerTrainingConfig, log=print) -> list[float]
         optimizer.load_state_dict(state["optimizer"])
 
     losses = []
+    target = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[visualizer.scheduler.config.prediction_type]
     tic = time.perf_counter()
     for iteration in range(start, config.train_iters):
         items = [data[i] for i in _batch_indices(len(data), config.micro_batch_size, iteration, config.seed)]
@@ -153,7 +160,7 @@ def train_visualizer(config: VisualizerTrainingConfig, log=print) -> list[float]
         if done % config.log_interval == 0 or done == config.train_iters:
             recent = losses[-config.log_interval:]
             elapsed = time.perf_counter() - tic
-            log(f"visualizer iteration {done:>6}/{config.train_iters} | diffusion loss (eps MSE) "
+            log(f"visualizer iteration {done:>6}/{config.train_iters} | diffusion loss ({target} MSE) "
                 f"{losses[-1]:.4f} | mean of last {len(recent)} {sum(recent) / len(recent):.4f} | "
                 f"{elapsed / len(recent):.2f} s/step")
             tic = time.perf_counter()
@@ -191,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: random, which renders noise)")
     model.add_argument("--resolution", type=int, default=None,
                        help="training image side (default: 512 with --pretrained, the --vae's size, else 32)")
+    model.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default="epsilon",
+                       help="the tiny UNet's target (default: %(default)s, SD 1.5's and the reference's)")
     model.add_argument("--condition-hidden-dim", type=int, default=2048,
                        help="conditioner hidden width (default: %(default)s, the reference's launch script)")
     model.add_argument("--condition-layers", type=int, default=2, help="conditioner linear layers (default: "
@@ -223,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             data_path=args.data_path, image_root=args.image_root, inputs=args.input, save=args.save,
             pretrained=args.pretrained, vae=args.vae, resolution=args.resolution,
             condition_hidden_dim=args.condition_hidden_dim, condition_layers=args.condition_layers,
-            condition_tokens=args.condition_tokens, micro_batch_size=args.micro_batch_size,
+            condition_tokens=args.condition_tokens, prediction_type=args.prediction_type,
+            micro_batch_size=args.micro_batch_size,
             train_iters=args.train_iters, lr=args.lr, weight_decay=args.weight_decay, cfg_prob=args.cfg_prob,
             save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed, device=args.device)
         train_visualizer(config)
