@@ -408,8 +408,9 @@ def ignore_preemption_signals(worker_id: int | None = None) -> None:
 
 def build_loader(samples: BlendedSamples, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, consumed_samples: int, seq_length: int, num_workers: int,
-                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Micro-batches of this rank from `consumed_samples` (a multiple of the global batch) to the end."""
+                 pin_memory: bool, collate_fn=None) -> torch.utils.data.DataLoader:
+    """Micro-batches of this rank from `consumed_samples` (a multiple of the global batch) to the end.
+    `collate_fn` replaces `collate_packed` (another recipe's batches, e.g. engine.metaquery)."""
     if consumed_samples % global_batch_size:
         raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the global batch "
                          f"{global_batch_size}: the checkpoint was written with another --global-batch-size")
@@ -418,7 +419,7 @@ def build_loader(samples: BlendedSamples, *, global_batch_size: int, micro_batch
                         start=consumed_samples // global_batch_size * per_rank,
                         end=len(samples) // global_batch_size * per_rank)
     return torch.utils.data.DataLoader(
-        samples, batch_size=micro_batch_size, sampler=sampler, collate_fn=_Collate(seq_length),
+        samples, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn or _Collate(seq_length),
         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
         worker_init_fn=ignore_preemption_signals if num_workers else None)

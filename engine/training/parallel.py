@@ -89,13 +89,14 @@ def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
 
 
 def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool,
-                reduce_in_fp32: bool = True) -> nn.Module:
+                reduce_in_fp32: bool = True, units=None) -> nn.Module:
     """DDP (`none`) or FSDP2 (`fsdp`, one unit per block + the root) over the dp mesh; identity on one process.
 
     Master weights, gradients and optimizer state are fp32 in both. With bf16, FSDP2 uses
     MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 sharded master weights (torchtitan's policy) and DDP
     all-reduces the fp32 gradients of bf16 autocast. `reduce_in_fp32=False` (`--grad-reduce-in-bf16`) reduces in
-    bf16 instead: FSDP2's reduce_dtype, DDP's bf16 compression hook.
+    bf16 instead: FSDP2's reduce_dtype, DDP's bf16 compression hook. `units`: the FSDP2 units besides the root
+    (default the transformer blocks, `model.layers`; another recipe's module names its own).
     """
     if info.mesh is None:
         return model
@@ -106,7 +107,7 @@ def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool,
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                       reduce_dtype=torch.float32 if reduce_in_fp32 else torch.bfloat16) if bf16 \
             else MixedPrecisionPolicy()
-        for block in model.layers.values():
+        for block in (model.layers.values() if units is None else units):
             fully_shard(block, mesh=dp_mesh, mp_policy=policy)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy)
         return model
