@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -15,9 +16,19 @@ def load_kernels(name: str) -> ModuleType:
     Without CUDA this sets TRITON_INTERPRET=1 for the rest of the process: Triton fixes interpreted vs compiled
     when a kernel is decorated, and its interpreter reads the variable again while running (restoring it after
     the import breaks the interpreter). It only concerns Triton kernels; torch.compile on CPU generates C++.
+    triton.language's own @jit helpers are fixed when triton is first imported, so the variable must be set
+    before that (tests/conftest.py sets it at the start of a CPU test session); this raises otherwise.
     """
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+        language = sys.modules.get("triton.language")
+        if language is not None:
+            from triton.runtime.jit import JITFunction
+
+            if isinstance(language.zeros, JITFunction):
+                raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its own @jit helpers "
+                                   "are compiled and the interpreter cannot run them: set the variable before "
+                                   "anything imports triton (tests/conftest.py does)")
     return importlib.import_module(f"chrysalis_kernels.{name}")
 
 

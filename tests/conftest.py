@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (chrysalis_kernels) are tested under Triton's interpreter, which must be chosen
+# before triton is first imported by anything (torch.compile's inductor imports it): triton.language's own @jit
+# helpers (tl.zeros, tl.max, ...) are fixed at that import. Tests that need the variable unset delete it themselves.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
