@@ -83,3 +83,10 @@ def test_tied_embeddings_checkpoint_reshards_between_pp2_and_pp1(tmp_path):
         for a, b in zip(want, have):
             assert abs(a - b) <= 1e-5 * a, (name, want, have)
     assert "at iteration 3" in to_pp1.stdout and "at iteration 3" in to_tp2pp2.stdout
+
+    # Export/generation loads the PP2 checkpoint into one tied model (the head is stored as the embedding).
+    from engine.training.export import load_for_generation
+
+    model, _, record = load_for_generation(tmp_path / "pp2")
+    assert record["iteration"] == 3 and model.config.tie_embeddings
+    assert model.output.weight is model.tok_embeddings.weight
