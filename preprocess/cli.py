@@ -8,6 +8,13 @@ import sys
 from engine.data.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 
 
+def _tokenizer_type(name: str) -> str:
+    """Megatron-LM's --tokenizer-type names -> ours (a Megatron preprocess_data.py command line carries over)."""
+    from engine.training.megatron_flags import TOKENIZER_TYPES
+
+    return TOKENIZER_TYPES.get(name, name)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m preprocess",
                                      description="Pack multimodal conversations into Megatron-format shards.")
@@ -18,7 +25,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="JSONL or JSON-array file of LLaVA-style records (repeatable; order matters)")
     build.add_argument("--image-root", metavar="DIR", help="images (and WebDataset tars, `x.tar::member`) are "
                        "relative to this directory; paths resolving outside it are refused")
-    build.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "tiktoken", "huggingface"])
+    build.add_argument("--tokenizer-type", required=True, type=_tokenizer_type,
+                       choices=["sentencepiece", "tiktoken", "huggingface"],
+                       help="Megatron-LM's names work too: SentencePieceTokenizer, Llama2Tokenizer, "
+                       "GPTSentencePieceTokenizer (= sentencepiece), TikTokenizer (= tiktoken), HuggingFaceTokenizer "
+                       "(= huggingface)")
     build.add_argument("--tokenizer-model", required=True, metavar="PATH")
     build.add_argument("--chat-template", default="llama3", choices=["llama3", "plain"])
     build.add_argument("--vision-encoder", metavar="PATH|tiny-random",

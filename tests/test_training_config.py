@@ -138,6 +138,13 @@ def test_tokenizer_type_takes_megatrons_names_and_must_match_the_shards(tmp_path
         parse_training_config([*common, "--tokenizer-type", "Llama2Tokenizer"])
     with pytest.raises(ValueError, match="GPT2BPETokenizer: not supported"):
         parse_training_config([*common, "--tokenizer-type", "GPT2BPETokenizer"])
+    from preprocess.cli import _build_parser  # a Megatron preprocess_data.py habit carries over too
+
+    for megatron, ours in (("Llama2Tokenizer", "sentencepiece"), ("TikTokenizer", "tiktoken"),
+                           ("HuggingFaceTokenizer", "huggingface"), ("tiktoken", "tiktoken")):
+        args = _build_parser().parse_args(["build", "--input", "x", "--tokenizer-type", megatron,
+                                           "--tokenizer-model", "m", "--output", "o"])
+        assert args.tokenizer_type == ours
 
 
 def test_help_answers_without_importing_torch():

@@ -40,7 +40,8 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
 }
 # Megatron's --tokenizer-type names -> the tokenizer types of `preprocess build`.
 TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
-                   "Llama2Tokenizer": "sentencepiece", "TikTokenizer": "tiktoken", "HuggingFaceTokenizer": "hf"}
+                   "Llama2Tokenizer": "sentencepiece", "TikTokenizer": "tiktoken",
+                   "HuggingFaceTokenizer": "huggingface"}
 
 # Megatron flag -> (values we accept, or None for a flag without a value; what Chrysalis does). Accepted flags are
 # options in a --help group of their own; a value outside the tuple is an error quoting the note.
@@ -178,8 +179,8 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     aliases = parser.add_argument_group(
         ALIAS_GROUP, "Megatron values are translated too: --attention-backend fused = te, unfused/local = sdpa; "
         "--tokenizer-type SentencePieceTokenizer/Llama2Tokenizer/GPTSentencePieceTokenizer = sentencepiece, "
-        "TikTokenizer = tiktoken, HuggingFaceTokenizer = hf. Megatron flags we do not support are refused with our "
-        "nearest equivalent (docs/training.md has the table).")
+        "TikTokenizer = tiktoken, HuggingFaceTokenizer = huggingface. Megatron flags we do not support are refused "
+        "with our nearest equivalent (docs/training.md has the table).")
     for flag, (target, value, note) in ALIASES.items():
         if flag in known:
             continue
@@ -284,9 +285,9 @@ def apply_megatron_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
 def _check_tokenizer_type(given: str, data_path: list[str]) -> None:
     """`--tokenizer-type` (Megatron's or our name) must be the type every build of `--data-path` was made with."""
     ours = TOKENIZER_TYPES.get(given, given)
-    if ours not in ("sentencepiece", "tiktoken", "hf"):
+    if ours not in ("sentencepiece", "tiktoken", "huggingface"):
         raise ValueError(f"--tokenizer-type {given}: not supported; the shards' tokenizer is one of sentencepiece "
-                         "(SentencePieceTokenizer, Llama2Tokenizer), tiktoken (TikTokenizer), hf "
+                         "(SentencePieceTokenizer, Llama2Tokenizer), tiktoken (TikTokenizer), huggingface "
                          "(HuggingFaceTokenizer), chosen by python -m preprocess build")
     for item in data_path:
         manifest = Path(item) / "manifest.json"
