@@ -115,14 +115,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_FP32_OUT_GEMM = [True]  # cleared if this torch/cuBLAS rejects addmm(out_dtype=...) in place
+
+
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, with acc possibly wider (fp32) than a and b (bf16)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:  # pragma: no cover - GPU: cuBLAS bf16 x bf16 -> fp32 output, no [V, H] temporary
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.add_(a @ b)
+        return
+    if acc.is_cuda and _FP32_OUT_GEMM[0]:  # pragma: no cover - GPU: bf16 x bf16 -> fp32, no [V, H] temporary
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _FP32_OUT_GEMM[0] = False
+    acc.add_(a @ b)  # a temporary [V, H] in a's dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
