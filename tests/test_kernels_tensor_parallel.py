@@ -1,12 +1,16 @@
 """Fused linear cross-entropy under vocabulary-parallel TP: 2 gloo processes on CPU (Triton interpreter), each with
 half of the LM head, equal the single-device reference (loss, hidden gradient, each rank's weight-shard gradient),
-including a rank whose shard is padding only."""
+including a rank whose shard is padding only; and through the training CLI at TP2 + SP."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import textwrap
 
-from distributed_launch import torchrun
+from distributed_launch import REPO, torchrun
 
 CHILD = textwrap.dedent("""
     import os
@@ -52,3 +56,27 @@ def test_vocab_parallel_fused_linear_cross_entropy_equals_one_device(tmp_path):
     result = torchrun(script, 2, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK 0" in result.stdout and "OK 1" in result.stdout
+
+
+def test_cli_tp2_with_fused_linear_cross_entropy_equals_one_process(tmp_path):
+    # The engine's glue: the vocabulary-parallel LM head's DTensor shard and mesh group go to the fused kernel
+    # (TP2 + sequence parallelism, padded vocabulary 302 -> 512 at TP2, 384 at TP1).
+    entry = REPO / "pretrain_gpt_vision.py"
+    args = ["--mock-data", "--mock-data-sequences", "16", "--num-layers", "2", "--hidden-size", "64",
+            "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
+            "--max-position-embeddings", "256", "--micro-batch-size", "1", "--global-batch-size", "1", "--lr", "3e-3",
+            "--num-workers", "0", "--log-interval", "100", "--seed", "5", "--train-iters", "3"]
+    reference = subprocess.run([sys.executable, str(entry), *args, "--log-jsonl", str(tmp_path / "ref.jsonl")],
+                               check=False, capture_output=True, text=True, timeout=600, cwd=REPO,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    fused = torchrun(entry, 2, [*args, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                "--fused-linear-cross-entropy", "--log-jsonl", str(tmp_path / "tp2.jsonl")])
+    assert fused.returncode == 0, fused.stdout[-3000:] + fused.stderr[-3000:]
+    want, got = (_losses(tmp_path / name) for name in ("ref.jsonl", "tp2.jsonl"))
+    assert len(want) == len(got) == 3
+    assert max(abs(a - b) / b for a, b in zip(got, want)) <= 1e-5, (got, want)
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
