@@ -15,6 +15,12 @@ from typing import Any, Literal
 VISION_DIM = 1152
 TOKENS_PER_IMAGE = 64
 
+# ModelConfig fields that fix the weights' shapes or meaning: weights load only into a model with the same values
+# (checkpoints, --load-hf). The others (seq_length, attention backend, loss coefficient, fused losses) are run choices.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                       "num_query_groups", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings",
+                       "vision_dim", "tokens_per_image")
+
 AttentionBackend = Literal["auto", "sdpa", "flex", "flash", "te", "triton", "triton-fp8"]
 ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "flex", "flash", "te", "triton", "triton-fp8")
 

@@ -149,9 +149,12 @@ def test_load_hf_starts_from_a_hugging_face_llama(build, tmp_path):
                                   tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf", safe_serialization=True)
-    t = Trainer(parse_training_config(args(build, "--train-iters", "1", "--load-hf", str(tmp_path / "hf"))),
+    t = Trainer(parse_training_config(args(build, "--train-iters", "1", "--load-hf", str(tmp_path / "hf"),
+                                           "--attention-backend", "flex", "--visual-loss-coef", "0.25")),
                 build_device_mesh())
     assert t.model_config.hidden_size == 64 and t.model_config.vocab_size == 896
+    # Run choices survive the import of the Hugging Face architecture (they were once replaced by its config).
+    assert t.model_config.attention_backend == "flex" and t.model_config.visual_loss_coef == 0.25
     assert t.train() == "done"
     bad = transformers.LlamaConfig(vocab_size=900, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=4, max_position_embeddings=512)

@@ -653,16 +653,10 @@ def resume_run_id(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- comparing
-# Fields that fix the weights' shapes or meaning: a checkpoint loads only into a model with the same values.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-                       "num_query_groups", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings",
-                       "vision_dim", "tokens_per_image")
-
-
 def model_config_mismatches(saved: dict[str, Any], current, source: str) -> list[str]:
     """One line per architecture field that differs between a checkpoint's model config and this run's
     (`engine.config.ModelConfig`); fields such as seq_length or attention_backend may change."""
-    from engine.config import ModelConfig
+    from engine.config import ARCHITECTURE_FIELDS, ModelConfig
 
     if not isinstance(saved, dict):
         return [f"{source}: the recorded model config is not an object"]

@@ -36,7 +36,7 @@ from engine.training.data import (
 )
 from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
 from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer, clean_name
-from engine.training.parallel import ParallelInfo, all_reduce_sum, apply_activation_checkpointing, parallelize, unwrap
+from engine.training.parallel import ParallelInfo, all_reduce_sum, parallelize, unwrap
 from engine.training.vocab_padding import VOCAB_MATRICES, repad_rows
 
 
@@ -237,9 +237,14 @@ class Trainer:
                 if hf_vocab[key] != self.vocab[key]:
                     raise ValueError(f"--load-hf {c.checkpoint.load_hf}: {key} {hf_vocab[key]} differs from the "
                                      f"shards' tokenizer ({self.vocab[key]}); preprocess with that model's tokenizer")
-        self.model_config = model.config.replace(seq_length=self.model_config.seq_length,
-                                                 max_position_embeddings=max(model.config.max_position_embeddings,
-                                                                             self.model_config.seq_length))
+        # The architecture comes from the Hugging Face model; run choices (sequence length, attention backend,
+        # fused losses, visual loss coefficient) stay this run's flags.
+        from engine.config import ARCHITECTURE_FIELDS
+
+        imported = {name: getattr(model.config, name) for name in ARCHITECTURE_FIELDS}
+        self.model_config = self.model_config.replace(
+            **imported, real_vocab_size=model.config.real_vocab_size, init_method_std=model.config.init_method_std,
+            max_position_embeddings=max(model.config.max_position_embeddings, self.model_config.seq_length))
         model.config = self.model_config
         model.rope.config = self.model_config
         return model
