@@ -301,6 +301,8 @@ class VisionEncoder:
         `to_cpu=False`)."""
         import torch
 
+        if images.is_cuda:  # made on another stream (the DALI decoder's): keep its memory until we are done
+            images.record_stream(torch.cuda.current_stream(images.device))
         with torch.no_grad():
             pixel_values = normalize_pixels(images.to(self.device, torch.float32)).to(self.dtype)
             rows = pool_and_normalize(self.features(pixel_values)).to(torch.bfloat16)

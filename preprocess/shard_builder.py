@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.config import TOKENS_PER_IMAGE
 from engine.data.atomic import write_bytes_atomic
+from engine.data.background import OrderedWorker
 from engine.data.manifest import sha256_file
 from engine.data.records import Conversation, RecordError, ShardTask, iter_task_records, parse_record
 from engine.data.shards import EmbeddingPartWriter, ShardWriter, shard_files
@@ -245,15 +246,24 @@ class ShardBuilder:
         state.pending.clear()
         state.pending_blobs.clear()
         # Fixed-size batches in first-seen order: the batch composition (and so every bf16 bit) depends only
-        # on the shard's records, never on workers or ranks.
+        # on the shard's records, never on workers or ranks. They are encoded and written on a background
+        # thread, in order, while this thread reads and decodes the next images.
         batch = self.config.encode_batch_size
         while len(state.encode_queue) >= batch or (final and state.encode_queue):
-            rows = self.backend.encode(state.encode_queue[:batch])
+            if self._encode_stage is None:
+                self._encode_stage = OrderedWorker(self._encode_and_write, depth=2, name="encode")
+            latents = state.latent_queue[:batch] if self.latent_backend is not None else None
+            self._encode_stage.submit((state.encode_queue[:batch], latents))
             del state.encode_queue[:batch]
-            self._embedding_writer.append(rows)
-            if self.latent_backend is not None:
-                self._latent_writer.append(self.latent_backend.encode(state.latent_queue[:batch]))
+            if latents is not None:
                 del state.latent_queue[:batch]
+
+    def _encode_and_write(self, batch) -> None:
+        """On the encode thread: one batch of pixels -> embedding rows (and VAE latents) appended to the part."""
+        pixels, latent_pixels = batch
+        self._embedding_writer.append(self.backend.encode(pixels))
+        if latent_pixels is not None:
+            self._latent_writer.append(self.latent_backend.encode(latent_pixels))
 
     def _report(self, state: _ShardState) -> None:
         now = (state.counts["samples_read"], state.counts["tokens"], state.counts["images"])
@@ -275,15 +285,20 @@ class ShardBuilder:
 
             self._latent_writer = LatentPartWriter(part_path(self.out, task.shard, ".lat"),
                                                    self.config.vae_info["row_shape"])
+        self._encode_stage = None
         self._reported = (0, 0, 0)
         records = iter_task_records(task)
-        while chunk := list(itertools.islice(records, ENCODE_CHUNK)):
-            for raw, (parsed, encoded) in zip(chunk, self._parse_and_encode(chunk)):
-                self._read_record(state, raw, parsed, encoded)
-                if len(state.pending) >= 256:
-                    self._resolve(state, final=False)
-            self._report(state)
-        self._resolve(state, final=True)
+        try:
+            while chunk := list(itertools.islice(records, ENCODE_CHUNK)):
+                for raw, (parsed, encoded) in zip(chunk, self._parse_and_encode(chunk)):
+                    self._read_record(state, raw, parsed, encoded)
+                    if len(state.pending) >= 256:
+                        self._resolve(state, final=False)
+                self._report(state)
+            self._resolve(state, final=True)
+        finally:
+            if self._encode_stage is not None:
+                self._encode_stage.close()  # every batch encoded and appended, or its first error raised
         self._report(state)
         self._embedding_writer.commit()
         if self.config.targets == "vae-latents":

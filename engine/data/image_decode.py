@@ -139,6 +139,7 @@ class DaliImageDecoder:
         self.num_threads = num_threads
         self.name = "dali-cpu" if device_id is None else "dali-gpu"
         self._pipeline = None
+        self._stream = None  # CUDA stream of the device-to-device copy out of DALI
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -174,14 +175,22 @@ class DaliImageDecoder:
             raise
         dense = output.as_tensor()  # every image is S x S x 3 after the resize: one dense [B, S, S, 3] tensor
         if self.device_id is None:
-            pixels = torch.from_numpy(np.array(dense))
-        else:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+            # [B, S, S, 3] -> [B, 3, S, S]
+            return torch.from_numpy(np.array(dense)).permute(0, 3, 1, 2).float().div_(255.0)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        # Device to device on a stream of our own: DALI may reuse its output buffer at the next run(), so the
+        # copy is complete before returning; waiting on this stream never waits for the encoder's kernels. The
+        # float pixels are made on the caller's stream, so their memory belongs to it.
+        caller = torch.cuda.current_stream(self.device_id)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device_id)
+        with torch.cuda.stream(self._stream):
             pixels = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-            feed_ndarray(dense, pixels, cuda_stream=torch.cuda.current_stream(self.device_id))
-        # [B, S, S, 3] -> [B, 3, S, S]
-        return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+            feed_ndarray(dense, pixels, cuda_stream=self._stream)
+        self._stream.synchronize()
+        pixels.record_stream(caller)
+        return pixels.permute(0, 3, 1, 2).float().div_(255.0)  # [B, S, S, 3] -> [B, 3, S, S]
 
     def decode_batch(self, blobs: Sequence[bytes]) -> list[torch.Tensor | ImageDecodeError]:
         out: list[torch.Tensor | ImageDecodeError | None] = [None] * len(blobs)
