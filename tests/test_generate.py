@@ -1,6 +1,8 @@
 """Generation units on a random tiny model (fp32 CPU): the key-padding mask of cached decoding against full
 forwards, cached decoding against recompute-every-step, batched against one prompt at a time with text-mode and
-image-mode rows in the same steps, sampling, stopping and the per-row image state machine."""
+image-mode rows in the same steps, sampling, stopping and the per-row image state machine; the static KV cache
+(written in place), the tensorised row state (one step, every transition), chunked prefill, the compiled step
+(fullgraph, so no Python branch on row data) against eager, and vocabulary padding never being generated."""
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ import torch.nn.functional as F
 
 from engine.config import preset
 from engine.generation import PromptTokens, SamplingConfig, VPiTGenerator
-from engine.model.attention import key_padding_causal_mask
+from engine.generation.decode import sample_from_logits
+from engine.generation.decode_batch import NO_OUTPUT, SLOT, TEXT_MODE
+from engine.model.attention import attend_decode, key_padding_causal_mask
 from engine.model.llama import LayerKVCache
 from engine.model.vpit import build_model
 
@@ -177,3 +181,143 @@ def test_prompt_errors(model):
         make(model).generate([PromptTokens(tokens=[1] * 10)], SamplingConfig(max_new_tokens=5000))
     with pytest.raises(ValueError, match="--top-p"):
         SamplingConfig(top_p=0)
+
+
+# --------------------------------------------------------------------------------------------- static cache
+def test_static_cache_is_written_in_place_and_refuses_overflow():
+    cache = LayerKVCache(2, 2, 6, 4, torch.float32, "cpu")
+    k_ptr = cache.k.data_ptr()
+    k1, v1 = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    k, v = cache.update(k1, v1)  # prefill: appended at length 0
+    assert k.shape == (2, 2, 3, 4) and k.data_ptr() == k_ptr and cache.length == 3
+    k2, v2 = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    k, v = cache.update(k2, v2)  # a decode step: a longer view of the same buffer, nothing copied or grown
+    assert k.shape == (2, 2, 4, 4) and k.data_ptr() == k_ptr and cache.k.data_ptr() == k_ptr
+    torch.testing.assert_close(k, torch.cat([k1, k2], 2), rtol=0, atol=0)
+    torch.testing.assert_close(v, torch.cat([v1, v2], 2), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="overflow: 7 > capacity 6"):
+        cache.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    # Static-shape mode (compiled steps): written at a device index, the whole buffer comes back.
+    cache.write_index = torch.tensor([5])
+    k3 = torch.randn(2, 2, 1, 4)
+    k, _ = cache.update(k3, k3)
+    assert k.shape == (2, 2, 6, 4) and k.data_ptr() == k_ptr
+    torch.testing.assert_close(cache.k[:, :, 5:6], k3, rtol=0, atol=0)
+    torch.testing.assert_close(cache.k[:, :, :4], torch.cat([k1, k2], 2), rtol=0, atol=0)
+
+
+def test_decode_attention_groups_query_heads_without_repeating_kv():
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    keep = torch.rand(3, 1, 1, 10) > 0.3
+    keep[..., -1] = True
+    bias = torch.zeros(3, 1, 1, 10).masked_fill(~keep, float("-inf"))
+    for mask in (None, keep, bias):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else keep, enable_gqa=True)
+        torch.testing.assert_close(attend_decode(q, k, v, mask), expected, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- row state
+class FixedChoices(VPiTGenerator):
+    """The LM head's choice is given per row (a tensor), to drive every transition of one step."""
+
+    choices: torch.Tensor
+
+    def select_text_tokens(self, logits, step, batch, sampling):
+        return self.choices
+
+
+def test_one_step_of_the_row_state_machine(model):
+    """Six rows, one in each situation, advanced by one step of tensor ops: text token, `<image_start>`, stop,
+    out of budget, mid-image (feeds a slot), last slot fed (`<image_end>` forced), and a finished row."""
+    gen = make(model, FixedChoices)
+    sampling = SamplingConfig(max_new_tokens=10)
+    batch = gen._prepare([PromptTokens(tokens=[1, 2, 3], seed=i) for i in range(7)], sampling)
+    gen._prefill(batch)
+    batch.mode.copy_(torch.tensor([TEXT_MODE, TEXT_MODE, TEXT_MODE, TEXT_MODE, 5, TPI, TEXT_MODE]))
+    batch.new_positions.copy_(torch.tensor([0, 0, 0, 10, 9, 12, 4]))
+    batch.active[6] = False
+    gen.choices = torch.tensor([7, START, STOP, 7, 7, 7, 7])
+    tokens, visual, feeding = gen._advance(batch, batch.steps[3:4], sampling, skip_unused=False)
+    assert tokens.tolist() == [7, START, 0, 0, START, END, 0]  # a slot's id is a placeholder, 0 is padding
+    assert feeding.tolist() == [False, False, False, False, True, False, False]
+    assert visual.shape == (7, 1152)
+    torch.testing.assert_close(visual.norm(dim=-1), torch.ones(7))
+    torch.testing.assert_close(batch.visual_out[4, 3], visual[4], rtol=0, atol=0)
+    assert batch.tokens_out[:, 3].tolist() == [7, START, NO_OUTPUT, NO_OUTPUT, SLOT, END, NO_OUTPUT]
+    assert batch.mode.tolist() == [TEXT_MODE, 0, TEXT_MODE, TEXT_MODE, 6, TEXT_MODE, TEXT_MODE]
+    assert batch.active.tolist() == [True, True, False, False, True, True, False]
+    assert batch.stopped.tolist() == [False, False, True, False, False, False, False]
+    assert batch.new_positions.tolist() == [1, 1, 0, 10, 10, 13, 4]  # a started image may pass the budget
+
+
+# --------------------------------------------------------------------------------------------- prefill
+def test_chunked_prefill_equals_one_forward(model):
+    """Left-padded prompts whose image slots cross chunk boundaries: prefill in chunks of 7 positions fills the
+    same caches and last hidden states as one forward, and decoding from them gives the same results."""
+    prompts = [image_prompt(0), PromptTokens(tokens=list(range(1, 30)), seed=1),
+               PromptTokens(tokens=[2, 3] + image_prompt(2).tokens, image_slot_starts=[6],
+                            image_tokens=unit(1, TPI, 1152, seed=2), seed=2)]
+    sampling = SamplingConfig(max_new_tokens=80)
+    whole, chunked = make(model, ScriptedImages), make(model, ScriptedImages, prefill_chunk=7)
+    batches = []
+    for gen in (whole, chunked):
+        batch = gen._prepare(prompts, sampling)
+        gen._prefill(batch)
+        batches.append(batch)
+    torch.testing.assert_close(batches[1].hidden, batches[0].hidden, atol=1e-5, rtol=0)
+    length = batches[0].prompt_len
+    for a, b in zip(batches[0].caches, batches[1].caches):
+        assert a.length == b.length == length
+        torch.testing.assert_close(b.k[:, :, :length], a.k[:, :, :length], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.v[:, :, :length], a.v[:, :, :length], atol=1e-5, rtol=0)
+    for a, b in zip(whole.generate(prompts, sampling), chunked.generate(prompts, sampling)):
+        assert_same(a, b)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def test_inverse_cdf_sampling_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(20000, 4)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sample_from_logits(logits, u, 1.0, 1.0), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
+    assert counts[3] == 0  # never a token of zero probability
+    # top-p 0.8 keeps the two most likely tokens (0.665 + 0.245 mass before the third), renormalised.
+    kept = torch.bincount(sample_from_logits(logits, u, 1.0, 0.8), minlength=4).float() / 20000
+    torch.testing.assert_close(kept, torch.tensor([0.731, 0.269, 0.0, 0.0]), atol=0.015, rtol=0)
+
+
+def test_padded_vocabulary_rows_are_never_generated():
+    """The decode loop goes through the model's masked LM-head path: padding rows with the largest logits by far
+    are never chosen, greedy or sampled, even when the caller's valid vocabulary includes them."""
+    padded = build_model(preset("tiny", vocab_size=128, real_vocab_size=100), seed=1).eval()
+    with torch.no_grad():
+        padded.output.weight[100:] = padded.output.weight[:100].abs().max() * 50  # win every unmasked argmax
+    gen = VPiTGenerator(padded, image_start_id=96, image_end_id=97, stop_ids=set(), valid_vocab_size=128)
+    assert torch.isinf(gen.text_logits(torch.randn(3, 64))[:, 100:]).all()
+    prompts = [PromptTokens(tokens=[1, 2, 3], seed=s) for s in range(3)]
+    for sampling in (SamplingConfig(max_new_tokens=30), SamplingConfig(max_new_tokens=30, temperature=3.0)):
+        for result in gen.generate(prompts, sampling):
+            assert result.token_ids and max(result.token_ids) < 100
+
+
+# --------------------------------------------------------------------------------------------- compiled step
+def test_compiled_step_equals_eager():
+    """The whole step (selection + forward over the static cache) compiled with fullgraph=True, which fails on
+    any Python branch on tensor data, gives the eager results: left padding, prompt and generated images, text
+    and image rows in the same steps, sampling, a padded vocabulary; a second batch of the same shapes reuses
+    the first one's buffers (what a captured CUDA graph needs). aot_eager on CPU: tracing, not inductor."""
+    padded = build_model(preset("tiny", vocab_size=128, real_vocab_size=100), seed=2).eval()
+    prompts = [image_prompt(0), PromptTokens(tokens=[1, 2, 3], seed=1)]
+    others = [image_prompt(3), PromptTokens(tokens=[4, 5, 6], seed=4)]
+    compiled = make(padded, ScriptedImages, compile=True, compile_options={"backend": "aot_eager"})
+    eager = make(padded, ScriptedImages, compile=False)
+    sampling = SamplingConfig(max_new_tokens=75, temperature=0.8, top_p=0.9, seed=3)
+    addresses = []
+    for batch_prompts in (prompts, others):
+        for a, b in zip(compiled.generate(batch_prompts, sampling), eager.generate(batch_prompts, sampling)):
+            assert_same(a, b)
+            assert len(a.images) == 1
+        (pooled,) = compiled._static_pool.values()
+        addresses.append([t.data_ptr() for t in (pooled.caches[0].k, pooled.mode, pooled.hidden, pooled.key_bias)])
+    assert compiled.compile and compiled._compiled_ok  # it ran compiled, not the eager fallback
+    assert addresses[0] == addresses[1]

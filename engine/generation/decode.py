@@ -40,6 +40,7 @@ and every rank draws the same samples from identically seeded uniforms.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -156,14 +157,16 @@ class VPiTGenerator:
             benchmark).
         compile: compile the decode step (`torch.compile`, static cache); None = on CUDA without tensor
             parallelism. Off, the step runs eagerly on exact-length cache views.
-        compile_mode: `torch.compile` mode; `reduce-overhead` captures the step as a CUDA graph on GPU.
+        compile_options: keyword arguments of `torch.compile` (default `mode="reduce-overhead"`, which captures the
+            step as a CUDA graph on GPU; tests pass `backend="aot_eager"`). The step is always compiled with
+            `fullgraph=True, dynamic=False`.
         prefill_chunk: prompt positions per prefill forward; longer prompts (many images) are prefilled in chunks.
         sync_every: compiled steps between host checks for "every row finished" (eager checks every step).
     """
 
     def __init__(self, model: nn.Module, *, image_start_id: int, image_end_id: int, stop_ids: set[int] | list[int],
                  valid_vocab_size: int, pad_id: int = 0, use_kv_cache: bool = True, compile: bool | None = None,
-                 compile_mode: str | None = "reduce-overhead", prefill_chunk: int = 2048, sync_every: int = 16):
+                 compile_options: dict | None = None, prefill_chunk: int = 2048, sync_every: int = 16):
         self.model = model
         self.config = model.config
         self.image_start_id = image_start_id
@@ -188,8 +191,9 @@ class VPiTGenerator:
         if compile and tensor_parallel:
             raise ValueError("compiled decoding is not supported under tensor parallelism (use compile=False)")
         self.compile = bool(compile and use_kv_cache)
-        self.compile_mode = compile_mode
+        self.compile_options = {"mode": "reduce-overhead"} if compile_options is None else dict(compile_options)
         self._compiled_step = None
+        self._compiled_ok = False  # set after the first compiled batch: later errors are not compiler fallbacks
         self._static_pool: dict[tuple, DecodeBatch] = {}
 
     # -------------------------------------------------------------------------------------------- selection
@@ -228,7 +232,16 @@ class VPiTGenerator:
         if self.use_kv_cache:
             self._prefill(batch)
             if self.compile:
-                self._decode_compiled(batch, sampling)
+                try:
+                    self._decode_compiled(batch, sampling)
+                except Exception as err:  # guarded: any failure to compile falls back to eager
+                    if self._compiled_ok:
+                        raise  # it compiled and ran before: a real error, not a compiler limitation
+                    warnings.warn(f"compiled decoding failed ({type(err).__name__}: {err}); decoding eagerly",
+                                  stacklevel=2)
+                    self.compile, self._compiled_step = False, None
+                    return self.generate(prompts, sampling)
+                self._compiled_ok = True
             else:
                 self._decode_eager(batch, sampling)
         else:
@@ -250,7 +263,7 @@ class VPiTGenerator:
                 for p in prompts])
         capacity, reuse = None, None
         if self.use_kv_cache:
-            capacity = prompt_len + max_steps
+            capacity = 64 * math.ceil((prompt_len + max_steps) / 64)  # aligned rows for the attention-mask kernels
             if self.compile:
                 # Round up so that batches of similar lengths share one set of buffers (and one captured graph).
                 capacity = 256 * math.ceil(capacity / 256)
@@ -351,7 +364,7 @@ class VPiTGenerator:
             h = torch.where(feeding[:, None, None], model.projector(visual.to(h.dtype))[:, None], h)
         rope = (batch.cos.index_select(1, step), batch.sin.index_select(1, step))  # [B, 1, head_dim] each
         if batch.static:
-            batch.write_col.copy_(step + batch.prompt_len)
+            batch.write_col.copy_(batch.write_cols.index_select(0, step))
             batch.key_bias.index_fill_(-1, batch.write_col, 0.0)  # this step's column becomes visible
             bias = batch.key_bias
         else:
@@ -378,8 +391,8 @@ class VPiTGenerator:
 
     def _decode_compiled(self, batch: DecodeBatch, sampling: SamplingConfig) -> None:
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._static_step, mode=self.compile_mode, fullgraph=True,
-                                                dynamic=False)
+            self._compiled_step = torch.compile(self._static_step, fullgraph=True, dynamic=False,
+                                                **self.compile_options)
         cuda = self.device.type == "cuda"
         for i in range(batch.max_steps):
             if cuda:

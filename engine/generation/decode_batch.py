@@ -123,7 +123,9 @@ class DecodeBatch:
         cos, sin = model.rope(positions, dtype)  # [B, T, head_dim] each
         place("cos", cos)
         place("sin", sin)
-        # Static mode: the cache column the current step writes ([1], set by the step itself).
+        # Static mode: the cache column of each step ([T], a tensor so that a new prompt length is new data for a
+        # compiled step, not a new constant), and the one the current step writes ([1], set by the step itself).
+        place("write_cols", torch.arange(prompt_len, prompt_len + max_steps))
         self.write_col = reuse.write_col if reuse is not None else torch.zeros(1, dtype=torch.long, device=device)
 
     def mark_static(self) -> None:
@@ -131,7 +133,7 @@ class DecodeBatch:
         import torch._dynamo
 
         tensors = [self.mode, self.active, self.stopped, self.new_positions, self.hidden, self.tokens_out,
-                   self.visual_out, self.key_bias, self.cos, self.sin, self.write_col, self.seeds]
+                   self.visual_out, self.key_bias, self.cos, self.sin, self.write_cols, self.write_col, self.seeds]
         tensors += [t for cache in self.caches for t in (cache.k, cache.v)]
         if self.uniforms is not None:
             tensors.append(self.uniforms)
