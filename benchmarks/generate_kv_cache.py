@@ -60,7 +60,7 @@ MODELS = {
 }
 
 # Peak HBM bandwidth (bytes/s) from the datasheets, by a substring of torch.cuda.get_device_name().
-HBM_PEAK = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12), ("GH200", 4.0e12),
+HBM_PEAK = [("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12),
             ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12),
             ("B200", 8.0e12)]
 
@@ -333,41 +333,55 @@ def gpu_mode(args) -> dict:
     compile_options = {"backend": "aot_eager"} if args.smoke else {"mode": "reduce-overhead"}
     compiled = make_generator(TextOnly, model, compile=True, compile_options=compile_options)
     eager = make_generator(TextOnly, model, compile=False)
-    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    rows = []
+    results = {"mode": "gpu", "device": name, "model": args.model, "dtype": str(dtype), "weight_bytes": weight_bytes,
+               "peak_hbm_bytes_s": peak, "measured_copy_bytes_s": measured, "rows": [],
+               "cuda": torch.version.cuda, "triton": _version("triton")}
     for batch in args.batch_list:
-        prompts = make_prompts(batch, args.prompt_length, model.config)
-        start = time.perf_counter()
-        compiled.generate(prompts, sampling)  # compile + CUDA graph capture for this shape
-        compile_s = time.perf_counter() - start
-        runs = interleaved({"compiled": lambda p=prompts: compiled.generate(p, sampling),
-                            "eager": lambda p=prompts: eager.generate(p, sampling),
-                            "hf": lambda p=prompts: hf_generate(hf, p, args.new_tokens, list(special_ids(model.config)))},
-                           args.pairs, device)
-        work = batch * args.new_tokens
-        steps_s = [args.new_tokens / r.seconds for r in runs["compiled"]]
-        c_ids = [r.token_ids for r in runs["compiled"][-1].output]
-        row = {"batch": batch, "new_tokens": args.new_tokens, "first_call_s": round(compile_s, 1),
-               "compiled_tok_s": [round(work / r.seconds, 1) for r in runs["compiled"]],
-               "eager_tok_s": [round(work / r.seconds, 1) for r in runs["eager"]],
-               "hf_tok_s": [round(work / r.seconds, 1) for r in runs["hf"]],
-               "compiled_over_eager": summary([e.seconds / c.seconds for c, e in zip(runs["compiled"],
-                                                                                        runs["eager"])]),
-               "compiled_over_hf": summary([h.seconds / c.seconds for c, h in zip(runs["compiled"], runs["hf"])]),
-               "hbm_fraction_of_peak": None if peak is None else summary([weight_bytes * s / peak for s in steps_s]),
-               "hbm_fraction_of_measured_copy": summary([weight_bytes * s / measured for s in steps_s]),
-               "rows_same_as_eager": sum(a == b.token_ids for a, b in zip(c_ids, runs["eager"][-1].output)),
-               "rows_same_as_hf": sum(a == b for a, b in zip(c_ids, runs["hf"][-1].output)), "load_after": load()}
-        print(f"  batch {batch}: compiled {statistics.median(row['compiled_tok_s'])} tok/s, eager "
-              f"{statistics.median(row['eager_tok_s'])}, HF {statistics.median(row['hf_tok_s'])}; compiled/eager "
-              f"{fmt(row['compiled_over_eager'])}, compiled/HF {fmt(row['compiled_over_hf'])}; HBM fraction "
-              f"{row['hbm_fraction_of_peak'] and fmt(row['hbm_fraction_of_peak'])} of peak (goal >= 0.70 at batch 1)"
-              f"; rows equal to eager {row['rows_same_as_eager']}/{batch}, to HF {row['rows_same_as_hf']}/{batch}",
-              flush=True)
-        rows.append(row)
-    return {"mode": "gpu", "device": name, "model": args.model, "dtype": str(dtype), "weight_bytes": weight_bytes,
-            "peak_hbm_bytes_s": peak, "measured_copy_bytes_s": measured, "rows": rows,
-            "cuda": torch.version.cuda, "triton": _version("triton")}
+        try:
+            row = gpu_row(args, model, hf, compiled, eager, batch, weight_bytes, peak, measured, device)
+        except Exception as err:  # noqa: BLE001 (record it and go on: GPU minutes are scarce)
+            import traceback
+
+            row = {"batch": batch, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            print(f"  batch {batch}: FAILED {row['error']}", flush=True)
+        results["rows"].append(row)
+        if args.json:  # after every row, so a timeout keeps what was measured
+            write_json(args.json, {"gpu": results})
+    return results
+
+
+def gpu_row(args, model, hf, compiled, eager, batch, weight_bytes, peak, measured, device) -> dict:
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    prompts = make_prompts(batch, args.prompt_length, model.config)
+    start = time.perf_counter()
+    compiled.generate(prompts, sampling)  # compile + CUDA graph capture for this shape
+    compile_s = time.perf_counter() - start
+    runs = interleaved({"compiled": lambda p=prompts: compiled.generate(p, sampling),
+                        "eager": lambda p=prompts: eager.generate(p, sampling),
+                        "hf": lambda p=prompts: hf_generate(hf, p, args.new_tokens, list(special_ids(model.config)))},
+                       args.pairs, device)
+    work = batch * args.new_tokens
+    steps_s = [args.new_tokens / r.seconds for r in runs["compiled"]]
+    c_ids = [r.token_ids for r in runs["compiled"][-1].output]
+    row = {"batch": batch, "new_tokens": args.new_tokens, "first_call_s": round(compile_s, 1),
+           "compiled_tok_s": [round(work / r.seconds, 1) for r in runs["compiled"]],
+           "eager_tok_s": [round(work / r.seconds, 1) for r in runs["eager"]],
+           "hf_tok_s": [round(work / r.seconds, 1) for r in runs["hf"]],
+           "compiled_over_eager": summary([e.seconds / c.seconds for c, e in zip(runs["compiled"],
+                                                                                    runs["eager"])]),
+           "compiled_over_hf": summary([h.seconds / c.seconds for c, h in zip(runs["compiled"], runs["hf"])]),
+           "hbm_fraction_of_peak": None if peak is None else summary([weight_bytes * s / peak for s in steps_s]),
+           "hbm_fraction_of_measured_copy": summary([weight_bytes * s / measured for s in steps_s]),
+           "rows_same_as_eager": sum(a == b.token_ids for a, b in zip(c_ids, runs["eager"][-1].output)),
+           "rows_same_as_hf": sum(a == b for a, b in zip(c_ids, runs["hf"][-1].output)), "load_after": load()}
+    print(f"  batch {batch}: compiled {statistics.median(row['compiled_tok_s'])} tok/s, eager "
+          f"{statistics.median(row['eager_tok_s'])}, HF {statistics.median(row['hf_tok_s'])}; compiled/eager "
+          f"{fmt(row['compiled_over_eager'])}, compiled/HF {fmt(row['compiled_over_hf'])}; HBM fraction "
+          f"{row['hbm_fraction_of_peak'] and fmt(row['hbm_fraction_of_peak'])} of peak (goal >= 0.70 at batch 1)"
+          f"; rows equal to eager {row['rows_same_as_eager']}/{batch}, to HF {row['rows_same_as_hf']}/{batch}",
+          flush=True)
+    row["compiled_fell_back_to_eager"] = not compiled.compile
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -434,9 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["header"]["load_after"] = load()
     print(f"\n# load average after: {load()}", flush=True)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return results
+
+
+def write_json(path: str, results: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
