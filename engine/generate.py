@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="run under torchrun with this many ranks")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute every step (the reference's method)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode eagerly on GPU (default there: the decode step is compiled, CUDA graphs)")
     viz = p.add_argument_group("rendering (with --visualizer)")
     viz.add_argument("--visualizer", default=None, metavar="VIZ", help="a directory saved by engine.visualizer")
     viz.add_argument("--guidance-scale", type=float, default=3.0)
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
 
     generator = VPiTGenerator(model, image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id,
                               stop_ids=stop_token_ids(tokenizer, template), valid_vocab_size=tokenizer.vocab_size,
-                              pad_id=tokenizer.pad_id, use_kv_cache=not args.no_kv_cache)
+                              pad_id=tokenizer.pad_id, use_kv_cache=not args.no_kv_cache,
+                              compile=False if args.no_compile else None)
     # Similar lengths together (less padding); per-sample seeds make the grouping invisible in the results.
     if rank == 0:
         print(f"generating {len(prompts)} answer(s), up to {args.max_new_tokens} new positions each ...", flush=True)
