@@ -12,6 +12,9 @@ warning, from these libraries too, still shows. `CHRYSALIS_SHOW_ALL_WARNINGS=1` 
   kernels of other builds; never used on these code paths), and torch's "<enum ...> is an Enum subclass and is now
   natively supported by torch.compile" deprecation notice for torchao's enums; diffusers' "Unable to import
   `torchao` Tensor objects" (only matters for torchao-quantised diffusers checkpoints, which we do not load).
+- transformers: "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+  `CLIPImageProcessorPil`" (and Siglip's), printed when diffusers' pipeline module is imported: the visualizer
+  passes no feature extractor and our images are decoded by our own code, so no image processor ever runs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ _LOG_MESSAGES = {
     "torchao": (r"Failed to load \S*torchao\S*\.so",),
     "torch.utils._pytree": (r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile",),
     "diffusers.quantizers.torchao.torchao_quantizer": (r"Unable to import `torchao` Tensor objects",),
+    "transformers.utils.import_utils": (
+        r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`",),
 }
 
 _installed = False

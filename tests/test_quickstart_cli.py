@@ -63,12 +63,15 @@ def test_known_harmless_warnings_are_silenced_and_real_ones_kept():
             "logging.getLogger('torchao').warning('Failed to load /x/torchao/_C_mxfp8.so: Could not load')\n"
             "logging.getLogger('diffusers.quantizers.torchao.torchao_quantizer').warning("
             "'Unable to import `torchao` Tensor objects. This may affect loading')\n"
+            "logging.getLogger('transformers.utils.import_utils').warning('`CLIPImageProcessor` requires torchvision "
+            "(not installed); falling back to `CLIPImageProcessorPil` for backward compatibility.')\n"
             "warnings.warn('a real problem')\n"
             "logging.getLogger('torchao').warning('a real torchao problem')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 0, result.stderr
-    for harmless in ("Transformer Engine and Apex", "assuming the intent", "_C_mxfp8", "Tensor objects"):
+    for harmless in ("Transformer Engine and Apex", "assuming the intent", "_C_mxfp8", "Tensor objects",
+                     "requires torchvision"):
         assert harmless not in result.stderr
     assert "a real problem" in result.stderr and "a real torchao problem" in result.stderr
     shown = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

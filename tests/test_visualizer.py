@@ -305,3 +305,30 @@ def test_render_never_writes_outside_output(tmp_path):
     for key in keys:
         stem = render.safe_file_stem(key)
         assert os.sep not in stem and not stem.startswith(".") and stem
+
+
+def test_a_small_demo_run_renders_coffee_closest_to_coffee(build, tmp_path):
+    """The quick start's picture recipe on a small run: an autoencoder and a visualizer trained on the build's
+    three images (astronaut, coffee, rocket) render coffee's visual tokens closer to coffee.jpg than to every other
+    bundled image, by PSNR and by SSIM (the demo's check, with the demo's settings)."""
+    from engine.visualizer.autoencoder import AutoencoderTrainingConfig, train_autoencoder
+    from engine.visualizer.similarity import closest_is_target, expand_images, score_against
+
+    out, records = build
+    common = {"data_path": str(out), "image_root": str(SAMPLE / "images"), "inputs": [str(records)]}
+    train_autoencoder(AutoencoderTrainingConfig(**common, save=str(tmp_path / "vae"), resolution=32, levels=3,
+                                                train_iters=150, micro_batch_size=3), log=lambda *_: None)
+    train_visualizer(VisualizerTrainingConfig(**common, save=str(tmp_path / "viz"), vae=str(tmp_path / "vae"),
+                                              prediction_type="sample", cfg_prob=0.1, train_iters=300,
+                                              micro_batch_size=3, lr=2e-3), log=lambda *_: None)
+    visualizer = Visualizer.load(tmp_path / "viz", device="cpu")
+    data = ImageEmbeddingPairs(out, SAMPLE / "images", 32, [str(records)])
+    coffee_tokens = data[[ref for ref, _ in data.pairs].index("coffee.jpg")][1]
+    bundled = expand_images([SAMPLE / "images"])
+    assert len(bundled) == 12  # every bundled picture, the two inside the WebDataset tar too
+    for guidance in (3.0, 1.0):
+        picture = tmp_path / f"coffee_g{guidance}.png"
+        visualizer.render(coffee_tokens, guidance_scale=guidance, num_inference_steps=10, seed=0)[0].save(picture)
+        scores = score_against(picture, bundled)
+        assert closest_is_target(scores, SAMPLE / "images" / "coffee.jpg") == (True, True), [
+            (s.path.rsplit("/", 1)[-1], round(s.psnr, 2), round(s.ssim, 3)) for s in scores]

@@ -31,6 +31,7 @@ class AutoencoderTrainingConfig:
     save: str
     inputs: list[str] | None = None
     resolution: int = 32
+    levels: int = 2
     micro_batch_size: int = 8
     train_iters: int = 300
     lr: float = 2e-3
@@ -39,21 +40,28 @@ class AutoencoderTrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.resolution < 4 or self.resolution % 2:
-            raise ValueError(f"--resolution must be an even number >= 4, got {self.resolution}")
+        if self.levels not in (2, 3):
+            raise ValueError(f"--levels must be 2 or 3, got {self.levels}")
+        factor = 2 ** (self.levels - 1)
+        if self.resolution < 4 * factor or self.resolution % factor:
+            raise ValueError(f"--resolution must be a multiple of {factor} and >= {4 * factor} with --levels "
+                             f"{self.levels}, got {self.resolution}")
         if self.micro_batch_size < 1 or self.train_iters < 1:
             raise ValueError("--micro-batch-size and --train-iters must be >= 1")
 
 
-def tiny_autoencoder(resolution: int, seed: int = 0):
-    """The tiny visualizer's autoencoder config (2 levels of 32/64 channels, 4 latent channels, 2x downsampling)."""
+def tiny_autoencoder(resolution: int, seed: int = 0, levels: int = 2):
+    """The tiny visualizer's autoencoder config: 4 latent channels, `levels` levels of 32/64(/64) channels, so
+    2x (levels=2) or 4x (levels=3) smaller latents than pixels (Stable Diffusion's VAE: 4 levels, 8x)."""
     import torch
     from diffusers import AutoencoderKL
 
+    channels = (32, 64, 64)[:levels]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=channels,
+                             down_block_types=("DownEncoderBlock2D",) * levels,
+                             up_block_types=("UpDecoderBlock2D",) * levels,
                              latent_channels=4, norm_num_groups=8, sample_size=resolution)
 
 
@@ -87,7 +95,7 @@ def train_autoencoder(config: AutoencoderTrainingConfig, log=print) -> list[floa
 
     pixels = build_pixels(config)
     log(f"autoencoder: {len(pixels)} images from {config.data_path} at {config.resolution} px")
-    vae = tiny_autoencoder(config.resolution, config.seed).train()
+    vae = tiny_autoencoder(config.resolution, config.seed, config.levels).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.train_iters, eta_min=config.lr / 10)
     losses = []
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the build's input records (default: the paths in its manifest)")
     p.add_argument("--save", required=True, metavar="VAE", help="output directory (diffusers layout)")
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--levels", type=int, default=2, choices=(2, 3),
+                   help="encoder levels: latents 2x (2) or 4x (3) smaller than the image (default: %(default)s)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--train-iters", type=int, default=300, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW, cosine-decayed to lr/10 (default: %(default)s)")
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = AutoencoderTrainingConfig(
             data_path=args.data_path, image_root=args.image_root, inputs=args.input, save=args.save,
-            resolution=args.resolution, micro_batch_size=args.micro_batch_size, train_iters=args.train_iters,
+            resolution=args.resolution, levels=args.levels, micro_batch_size=args.micro_batch_size, train_iters=args.train_iters,
             lr=args.lr, kl_weight=args.kl_weight, log_interval=args.log_interval, seed=args.seed)
         train_autoencoder(config)
     except (ValueError, FileNotFoundError) as err:

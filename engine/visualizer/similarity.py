@@ -51,11 +51,25 @@ def ssim(a, b, window: int = 7) -> float:
     return float(s.mean())
 
 
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes, or a WebDataset member's (`shard.tar::member`, as preprocess references them)."""
+    archive, sep, member = str(path).partition("::")
+    if not sep:
+        return Path(path).read_bytes()
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        handle = tar.extractfile(member)
+        if handle is None:
+            raise ValueError(f"{path}: not a file in {archive}")
+        return handle.read()
+
+
 def load_image(path: str | Path, size: int):
     """[3, size, size] float in [0, 1], decoded like the visualizer's training pixels."""
     from engine.vision_encoder import decode_image_pil
 
-    return decode_image_pil(Path(path).read_bytes(), size)
+    return decode_image_pil(read_bytes(path), size)
 
 
 @dataclass
@@ -66,6 +80,7 @@ class Score:
 
 
 def score_against(picture: str | Path, images: list[str | Path]) -> list[Score]:
+    # `images`: file paths or `shard.tar::member` references (see expand_images).
     """PSNR and SSIM of `picture` against each of `images`, at the picture's size."""
     from PIL import Image
 
@@ -78,12 +93,17 @@ def score_against(picture: str | Path, images: list[str | Path]) -> list[Score]:
             for path, ref in ((p, load_image(p, size)) for p in images)]
 
 
+def _key(path: str | Path) -> str:
+    """A comparable form of a file path or `shard.tar::member` reference."""
+    archive, sep, member = str(path).partition("::")
+    return str(Path(archive).resolve()) + sep + member
+
+
 def closest_is_target(scores: list[Score], target: str | Path) -> tuple[bool, bool]:
     """(target has the highest PSNR, target has the highest SSIM)."""
-    target = str(Path(target).resolve())
     best_psnr = max(scores, key=lambda s: s.psnr)
     best_ssim = max(scores, key=lambda s: s.ssim)
-    return str(Path(best_psnr.path).resolve()) == target, str(Path(best_ssim.path).resolve()) == target
+    return _key(best_psnr.path) == _key(target), _key(best_ssim.path) == _key(target)
 
 
 def side_by_side(target: str | Path, picture: str | Path, output: str | Path, scale: int = 8) -> Path:
@@ -104,16 +124,27 @@ def side_by_side(target: str | Path, picture: str | Path, output: str | Path, sc
     return output
 
 
-def _expand(items: list[str]) -> list[Path]:
-    out = []
+def expand_images(items: list[str | Path]) -> list[str]:
+    """Image files of `items`: folders are searched recursively, and the image members of WebDataset tars (in a
+    folder or named) become `shard.tar::member` references."""
+    import tarfile
+
+    out: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
-            out.append(path)
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file() or "::" in str(item):
+            files = [path]
         else:
             raise FileNotFoundError(f"{item}: no such file or directory")
+        for file in files:
+            if file.suffix.lower() == ".tar" and "::" not in str(file):
+                with tarfile.open(file) as tar:
+                    out.extend(f"{file}::{m.name}" for m in tar.getmembers()
+                               if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES)
+            elif file.suffix.lower() in IMAGE_SUFFIXES or "::" in str(file):
+                out.append(str(file))
     return out
 
 
@@ -123,28 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("picture", help="a rendered PNG (square)")
     p.add_argument("--target", required=True, metavar="IMAGE", help="the image the picture should resemble")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
-                   help="the images to compare with (files or folders; the target is added if missing)")
+                   help="the images to compare with: files, folders (searched recursively) and WebDataset tars "
+                        "(their image members); the target is added if missing")
     p.add_argument("--side-by-side", default=None, metavar="PNG", help="write target | picture, enlarged")
     p.add_argument("--require-closest", action="store_true",
                    help="exit 1 unless the target is the closest image by PSNR and by SSIM")
     args = p.parse_args(argv)
     try:
-        images = _expand(args.images)
-        if Path(args.target).resolve() not in {i.resolve() for i in images}:
-            images.append(Path(args.target))
+        images = expand_images(args.images)
+        if _key(args.target) not in {_key(i) for i in images}:
+            images.append(args.target)
         scores = score_against(args.picture, images)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    target = Path(args.target).resolve()
+    target = _key(args.target)
     width = max(len(s.path) for s in scores)
     print(f"{'image':<{width}}  PSNR (dB)  SSIM")
     for s in sorted(scores, key=lambda s: -s.psnr):
-        mark = "  <- target" if Path(s.path).resolve() == target else ""
+        mark = "  <- target" if _key(s.path) == target else ""
         print(f"{s.path:<{width}}  {s.psnr:9.2f}  {s.ssim:.3f}{mark}")
     by_psnr, by_ssim = closest_is_target(scores, args.target)
-    others = [s for s in scores if Path(s.path).resolve() != target]
-    mine = next(s for s in scores if Path(s.path).resolve() == target)
+    others = [s for s in scores if _key(s.path) != target]
+    mine = next(s for s in scores if _key(s.path) == target)
     if others:
         print(f"target margin over the next closest: PSNR {mine.psnr - max(s.psnr for s in others):+.2f} dB, "
               f"SSIM {mine.ssim - max(s.ssim for s in others):+.3f}")
