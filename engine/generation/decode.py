@@ -325,9 +325,12 @@ class VPiTGenerator:
             chosen = torch.full_like(mode, self.pad_id)
         else:
             chosen = self.select_text_tokens(self.text_logits(batch.hidden), step, batch, sampling)
-        stop = text & torch.isin(chosen, self._stop_ids_tensor(chosen.device))
-        active = active & ~stop
-        text = text & ~stop
+        if self.stop_ids:
+            # [B, 1] == [n_stop] -> [B, n_stop]; cheaper than torch.isin for a handful of ids.
+            stop = text & (chosen[:, None] == self._stop_ids_tensor(chosen.device)).any(dim=-1)
+            active = active & ~stop
+            text = text & ~stop
+            batch.stopped.logical_or_(stop)
         visual = None
         if not (skip_unused and not bool(feeding.any())):
             # Unit norm like SigLIP tokens. [B, vision_dim]
@@ -342,7 +345,6 @@ class VPiTGenerator:
         new_mode = torch.where(text & (chosen == self.image_start_id), 0, torch.where(
             feeding, mode + 1, torch.where(ending, TEXT_MODE, mode)))
         batch.mode.copy_(new_mode)
-        batch.stopped.logical_or_(stop)
         batch.active.copy_(active)
         batch.new_positions.add_(active.long())
         return next_tokens, visual, feeding
@@ -350,7 +352,7 @@ class VPiTGenerator:
     def _stop_ids_tensor(self, device: torch.device) -> torch.Tensor:
         stop = getattr(self, "_stop_tensor", None)
         if stop is None or stop.device != device:
-            ids = sorted(self.stop_ids) or [-1]  # -1 matches nothing
+            ids = sorted(self.stop_ids)
             stop = self._stop_tensor = torch.tensor(ids, dtype=torch.long, device=device)
         return stop
 
