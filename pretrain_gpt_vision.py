@@ -23,7 +23,31 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
+def _recipe(argv: list[str]) -> tuple[str, list[str]]:
+    """`--recipe vpit|metaquery` (default vpit) and the remaining flags."""
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return "vpit", argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    recipe, argv = _recipe(list(sys.argv[1:] if argv is None else argv))
+    if recipe == "metaquery":  # MetaQuery: frozen LLM + learnable queries + diffusion decoder (docs/metaquery.md)
+        from engine.metaquery.trainer import main as metaquery_main
+
+        if "-h" in argv or "--help" in argv:
+            from engine.metaquery.config import metaquery_help
+
+            print(metaquery_help())
+            print("All other flags are the VPiT trainer's (below).\n")
+        else:
+            return metaquery_main(argv)
+    elif recipe != "vpit":
+        print(f"error: --recipe {recipe!r}: choose vpit (default) or metaquery", file=sys.stderr)
+        return 2
     try:
         config = parse_training_config(argv)
     except ValueError as err:

@@ -5,6 +5,8 @@
 
     torchrun --nproc-per-node 2 -m engine.generate --tensor-model-parallel-size 2 --load CKPT ...
 
+    python -m engine.generate --recipe metaquery --load CKPT --prompt "..." --output OUT   (docs/metaquery.md)
+
 Writes OUT/results.jsonl (one line per prompt, input order), OUT/visual_tokens.safetensors (one [64, 1152] tensor
 per generated image, key `sample_{index:05d}.image_{j}`), and with `--visualizer` OUT/images/*.png.
 Exit status: 0 on success; 1 on bad input (a flag value, the batch file, the checkpoint, the tokenizer), with one
@@ -246,6 +248,21 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, recipe = list(sys.argv[1:] if argv is None else argv), "vpit"
+    for i, arg in enumerate(argv):  # --recipe vpit (default) | metaquery
+        if arg == "--recipe" and i + 1 < len(argv):
+            recipe, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+            break
+        if arg.startswith("--recipe="):
+            recipe, argv = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            break
+    if recipe == "metaquery":  # rendered through the diffusion decoder (engine/metaquery/generate.py)
+        from engine.metaquery.generate import main as metaquery_main
+
+        return metaquery_main(argv)
+    if recipe != "vpit":
+        print(f"error: --recipe {recipe!r}: choose vpit (default) or metaquery", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return run(args)
