@@ -94,8 +94,8 @@ def run_tasks(config: BuildConfig, tasks: list[ShardTask], input_names: list[str
                 future.result()  # re-raises a worker's exception (BrokenProcessPool when one died)
         _drain(progress_queue, progress)
     except BrokenProcessPool:
-        unfinished = sorted(task.shard for future, task in futures.items() if not future.done()
-                            or future.exception() is not None)
+        unfinished = sorted(task.shard for future, task in futures.items()
+                            if not future.done() or future.cancelled() or future.exception() is not None)
         _stop(executor)
         raise BuildInterrupted(
             f"a worker process died (killed, or out of memory?) while building shards {unfinished[:8]}"
