@@ -36,3 +36,28 @@ def test_the_public_reader_stays_importable_from_preprocess():
 
     assert preprocess.shards.ShardReader is engine.data.shards.ShardReader
     assert preprocess.shards.PackedSequence is engine.data.shards.PackedSequence
+
+
+def test_a_text_only_build_never_imports_torch_nor_builds_the_encoder(tmp_path):
+    """The encoder's fingerprint comes from its description (config + weight files), so text costs no torch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"},
+                                                {"from": "gpt", "value": "a"}]} for i in range(3)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    script = (
+        "import sys\n"
+        "from preprocess.cli import main\n"
+        f"code = main(['build', '--input', {str(tmp_path / 'text.jsonl')!r}, '--tokenizer-type', 'tiktoken',\n"
+        f"             '--tokenizer-model', {str(REPO / 'examples/data/tokenizer/tokenizer.model')!r},\n"
+        f"             '--vision-encoder', 'tiny-random', '--output', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
+        "print(code, sorted(m for m in ('torch', 'transformers', 'megatron') if m in sys.modules))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["vision_encoder"]["name"] == "tiny-random" and len(manifest["vision_encoder"]["fingerprint"]) == 64
