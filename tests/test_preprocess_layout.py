@@ -57,7 +57,7 @@ def test_a_text_only_build_never_imports_torch_nor_builds_the_encoder(tmp_path):
         "print(code, sorted(m for m in ('torch', 'transformers', 'megatron') if m in sys.modules))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["vision_encoder"]["name"] == "tiny-random" and len(manifest["vision_encoder"]["fingerprint"]) == 64

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.data.records import RecordError, _JsonArrayStream, iter_json_array, iter_jsonl, plan_input
 from engine.tokenizer.chat import EncodedConversation, ImageSpan
 from preprocess.packing import fit_to_length, pack_best_fit_decreasing
-from engine.data.records import RecordError, _JsonArrayStream, iter_json_array, iter_jsonl, plan_input
 
 
 def _first_fit_decreasing(lengths, capacity):
