@@ -157,13 +157,18 @@ def build_prompt_encoder(reference: dict[str, Any] | None, override: str | None,
         else:
             raise ValueError(f"the checkpoint's data was encoded with {name!r}, which is not a built-in encoder; "
                              "pass --vision-encoder with that local SigLIP directory")
-    decoder, dtype = "auto", None
+    decoder, dtype, layer = "auto", None, {}
     if reference:
         if reference.get("decoder") == "pil":
             decoder = "pil"
         if reference.get("compute_dtype") in ("float32", "bfloat16", "float16"):
             dtype = getattr(torch, reference["compute_dtype"])
-    encoder = build_vision_encoder(spec, device=device, dtype=dtype, decoder=decoder)
+        # The features preprocess took (hidden_states index, post_layernorm or not), so prompts match training.
+        if isinstance(reference.get("feature_layer"), int) and not isinstance(reference["feature_layer"], bool):
+            layer["feature_layer"] = reference["feature_layer"]
+        if isinstance(reference.get("post_layernorm"), bool):
+            layer["post_layernorm"] = reference["post_layernorm"]
+    encoder = build_vision_encoder(spec, device=device, dtype=dtype, decoder=decoder, **layer)
     expected = (reference or {}).get("fingerprint")
     if expected and encoder.fingerprint() != expected:
         message = (f"vision encoder {spec} (fingerprint {encoder.fingerprint()[:12]}) differs from the one the "
