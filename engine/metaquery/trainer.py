@@ -220,6 +220,9 @@ class MetaQueryTrainer:
                 return
             raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
                                        "from scratch when it is missing)")
+        if (load / "config.json").is_file() and not (load / ckpt.RECORD).is_file():
+            raise ckpt.CheckpointError(f"--load {load} is a model-only Chrysalis checkpoint, not a MetaQuery training "
+                                       "checkpoint: give a frozen LLM as --llm PATH")
         path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
         if path is None:
             if c.checkpoint.load_if_exists:
