@@ -320,15 +320,34 @@ def test_a_small_demo_run_renders_coffee_closest_to_coffee(build, tmp_path):
                                                 train_iters=150, micro_batch_size=3), log=lambda *_: None)
     train_visualizer(VisualizerTrainingConfig(**common, save=str(tmp_path / "viz"), vae=str(tmp_path / "vae"),
                                               prediction_type="sample", cfg_prob=0.1, train_iters=300,
-                                              micro_batch_size=3, lr=2e-3), log=lambda *_: None)
+                                              micro_batch_size=3, lr=2e-3, lr_warmup_iters=20, lr_decay_iters=300),
+                     log=lambda *_: None)
     visualizer = Visualizer.load(tmp_path / "viz", device="cpu")
     data = ImageEmbeddingPairs(out, SAMPLE / "images", 32, [str(records)])
     coffee_tokens = data[[ref for ref, _ in data.pairs].index("coffee.jpg")][1]
     bundled = expand_images([SAMPLE / "images"])
     assert len(bundled) == 12  # every bundled picture, the two inside the WebDataset tar too
-    for guidance in (3.0, 1.0):
+    for guidance in (1.0, 3.0):  # the demo's, and with classifier-free guidance against the zero context
         picture = tmp_path / f"coffee_g{guidance}.png"
         visualizer.render(coffee_tokens, guidance_scale=guidance, num_inference_steps=10, seed=0)[0].save(picture)
         scores = score_against(picture, bundled)
         assert closest_is_target(scores, SAMPLE / "images" / "coffee.jpg") == (True, True), [
             (s.path.rsplit("/", 1)[-1], round(s.psnr, 2), round(s.ssim, 3)) for s in scores]
+
+
+def test_learning_rate_schedule_is_the_references():
+    import math
+
+    from engine.visualizer.train import lr_factor
+
+    def reference(step, target=16000):  # facebookresearch/metamorph visualization/train.py, lr_lambda
+        peak = target // 4
+        if step < peak:
+            return math.log(step + 1) / math.log(peak + 1)
+        if step < target:
+            return 1.0 - (step - peak) / (target - peak)
+        return 0.0
+
+    for step in (0, 1, 10, 3999, 4000, 4001, 10000, 15999, 16000, 20000):
+        assert lr_factor(step, 4000, 16000) == pytest.approx(reference(step), abs=1e-12)
+    assert lr_factor(5, 0, None) == 1.0 and lr_factor(2, 4, None) == pytest.approx(math.log(3) / math.log(5))

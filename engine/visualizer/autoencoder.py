@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = AutoencoderTrainingConfig(
             data_path=args.data_path, image_root=args.image_root, inputs=args.input, save=args.save,
-            resolution=args.resolution, levels=args.levels, micro_batch_size=args.micro_batch_size, train_iters=args.train_iters,
+            resolution=args.resolution, levels=args.levels, micro_batch_size=args.micro_batch_size,
+            train_iters=args.train_iters,
             lr=args.lr, kl_weight=args.kl_weight, log_interval=args.log_interval, seed=args.seed)
         train_autoencoder(config)
     except (ValueError, FileNotFoundError) as err:

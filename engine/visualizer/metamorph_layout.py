@@ -47,7 +47,8 @@ def read_weights_only(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state_dict"), dict):
-        raise ValueError(f"{path}: expected a dict with a 'model_state_dict' entry (MetaMorph's layout)")  # noqa: TRY004
+        raise ValueError(  # noqa: TRY004 (bad input, not a bug)
+            f"{path}: expected a dict with a 'model_state_dict' entry (MetaMorph's layout)")
     state = checkpoint["model_state_dict"]
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:

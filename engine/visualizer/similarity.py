@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"closest by PSNR: {'the target' if by_psnr else 'another image'}; "
           f"closest by SSIM: {'the target' if by_ssim else 'another image'}")
     if args.side_by_side:
-        print(f"side by side (target | picture): {side_by_side(args.target, args.picture, args.side_by_side).resolve()}")
+        written = side_by_side(args.target, args.picture, args.side_by_side)
+        print(f"side by side (target | picture): {written.resolve()}")
     if args.require_closest and not (by_psnr and by_ssim):
         return 1
     return 0

@@ -15,6 +15,7 @@ resumed run takes the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,8 @@ class VisualizerTrainingConfig:
     micro_batch_size: int = 8
     train_iters: int = 1000
     lr: float = 1e-4
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
     weight_decay: float = 1e-2
     cfg_prob: float = 0.8
     save_interval: int | None = None
@@ -56,6 +59,9 @@ class VisualizerTrainingConfig:
             raise ValueError(f"--cfg-prob must be in [0, 1], got {self.cfg_prob}")
         if self.micro_batch_size < 1 or self.train_iters < 0:
             raise ValueError("--micro-batch-size must be >= 1 and --train-iters >= 0")
+        decay = self.lr_decay_iters
+        if self.lr_warmup_iters < 0 or (decay is not None and decay <= self.lr_warmup_iters):
+            raise ValueError("need --lr-warmup-iters >= 0 and --lr-decay-iters > --lr-warmup-iters")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"--prediction-type must be epsilon, v_prediction or sample, got {self.prediction_type}")
         if self.pretrained and self.prediction_type != "epsilon":
@@ -78,6 +84,16 @@ def _batch_indices(n: int, batch: int, iteration: int, seed: int) -> list[int]:
         out.extend(order[offset:offset + take].tolist())
         position += take
     return out
+
+
+def lr_factor(iteration: int, warmup: int, decay: int | None) -> float:
+    """The reference's schedule (visualization/train.py, `lr_lambda`): logarithmic warm-up to the peak over `warmup`
+    steps, then linear decay to 0 at `decay` (constant after the warm-up when `decay` is None)."""
+    if iteration < warmup:
+        return math.log(iteration + 1) / math.log(warmup + 1)
+    if decay is None:
+        return 1.0
+    return max(0.0, 1.0 - (iteration - warmup) / (decay - warmup))
 
 
 def _conditioner_config(config: VisualizerTrainingConfig, width: int):
@@ -152,6 +168,8 @@ def train_visualizer(config: VisualizerTrainingConfig, log=print) -> list[float]
         tokens = torch.stack([t for _, t in items]).to(device)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + 1)
         loss = visualizer.training_loss(pixels, tokens, cfg_prob=config.cfg_prob, generator=generator)
+        for group in optimizer.param_groups:  # a function of the iteration: resuming needs no scheduler state
+            group["lr"] = config.lr * lr_factor(iteration, config.lr_warmup_iters, config.lr_decay_iters)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-iters", type=int, default=1000, help="(default: %(default)s)")
     train.add_argument("--lr", type=float, default=1e-4,
                        help="AdamW learning rate (default: %(default)s; the reference fine-tunes SD 1.5 at 1e-5)")
+    train.add_argument("--lr-warmup-iters", type=int, default=0,
+                       help="logarithmic warm-up to --lr, as the reference (default: %(default)s; the reference: "
+                            "4000)")
+    train.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="linear decay to 0 at this iteration, as the reference (default: none, constant; the "
+                            "reference: 16000)")
     train.add_argument("--weight-decay", type=float, default=1e-2, help="(default: %(default)s)")
     train.add_argument("--cfg-prob", type=float, default=0.8,
                        help="probability of replacing a sample's condition by zeros, the unconditional input "
@@ -234,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             condition_hidden_dim=args.condition_hidden_dim, condition_layers=args.condition_layers,
             condition_tokens=args.condition_tokens, prediction_type=args.prediction_type,
             micro_batch_size=args.micro_batch_size,
-            train_iters=args.train_iters, lr=args.lr, weight_decay=args.weight_decay, cfg_prob=args.cfg_prob,
+            train_iters=args.train_iters, lr=args.lr, lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay, cfg_prob=args.cfg_prob,
             save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed, device=args.device)
         train_visualizer(config)
     except (ValueError, FileNotFoundError) as err:
