@@ -26,8 +26,8 @@ import warnings
 
 _WARNING_MESSAGES = (
     r"Transformer Engine and Apex are not installed",
-    r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the intent is to (load|save) in a "
-    r"single process",
+    (r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the intent is to (load|save) in a "
+     r"single process"),
 )
 
 # logger name -> regular expressions of harmless messages it emits.

@@ -15,7 +15,8 @@ _EXPORTS = {
     "TooManySkippedSteps": "trainer", "Trainer": "trainer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Batch", "BlendedSamples", "ParallelInfo", "SyntheticDataset", "TooManySkippedSteps", "Trainer",
+           "TrainingConfig", "build_device_mesh", "collate_packed", "parse_training_config"]
 
 
 def __getattr__(name: str):
