@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True, type=Path)
     exp.add_argument("--output", required=True, type=Path)
     exp.add_argument("--max-shard-size", type=_parse_size, default=5 * 1024**3, help="(default: 5GB)")
-    return parser
+    from engine.cli_help import show_defaults
+
+    return show_defaults(parser)
 
 
 if __name__ == "__main__":  # `python -m engine.convert`: --help and usage errors answer before torch is imported

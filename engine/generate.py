@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--guidance-scale", type=float, default=3.0)
     viz.add_argument("--render-steps", type=int, default=50, help="denoising steps")
     viz.add_argument("--render-size", type=int, default=None, help="image side in pixels (default: the visualizer's)")
-    return p
+    from engine.cli_help import show_defaults
+
+    return show_defaults(p)
 
 
 def _setup_tensor_parallel(tp: int, device: torch.device):

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smooth", type=int, default=1, metavar="N",
                         help="moving-average window in steps (default: %(default)s, no smoothing)")
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis (default: linear)")
-    args = parser.parse_args(argv)
+    from engine.cli_help import show_defaults
+
+    args = show_defaults(parser).parse_args(argv)
     try:
         out = plot_runs(args.logs, args.output, args.labels, args.smooth, log_y=args.log_y)
     except (ValueError, FileNotFoundError) as err:

@@ -75,7 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="checksums, index consistency, finite embeddings; exit status 1 "
                                  "on any fault")
     verify.add_argument("output", metavar="OUT")
-    return parser
+    from engine.cli_help import show_defaults
+
+    return show_defaults(parser)
 
 
 def _build(args) -> int:

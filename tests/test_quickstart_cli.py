@@ -55,6 +55,26 @@ def test_help_answers_before_heavy_imports(command, usage):
     assert "TORCH-NOT-LOADED" in result.stderr, f"{' '.join(command)} --help imports torch before printing help"
 
 
+DEFAULTS_SHOWN = [
+    (["pretrain_gpt_vision.py"], "(default: 1234)"),
+    (["-m", "engine.generate"], "(default: 256)"),
+    (["-m", "engine.plot"], "(default: 1, no smoothing)"),
+    (["-m", "engine.convert", "hf-to-chrysalis"], "(default: 128)"),
+    (["-m", "engine.visualizer.train"], "(default: 0.8, the reference's)"),
+    (["-m", "engine.visualizer.render"], "DDIM steps (default: 50)"),
+    (["-m", "engine.visualizer.autoencoder"], "(default: 32)"),
+    (["-m", "preprocess", "build"], "(default: 4096)"),
+]
+
+
+@pytest.mark.parametrize("command, shown", DEFAULTS_SHOWN, ids=[" ".join(c) for c, _ in DEFAULTS_SHOWN])
+def test_help_shows_defaults(command, shown):
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shown in " ".join(result.stdout.split()), result.stdout[-1500:]
+
+
 def test_known_harmless_warnings_are_silenced_and_real_ones_kept():
     code = ("import warnings, engine, logging\n"
             "warnings.warn('Transformer Engine and Apex are not installed. Falling back to Torch optimizers.')\n"

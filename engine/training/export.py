@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, metavar="MODEL_DIR", help="model-only checkpoint to write")
     parser.add_argument("--hf-output", default=None, metavar="HF_DIR",
                         help="also export to Hugging Face safetensors here (default: no)")
-    args = parser.parse_args(argv)
+    from engine.cli_help import show_defaults
+
+    args = show_defaults(parser).parse_args(argv)
     try:
         out = export_training_checkpoint(args.load, args.output, hf_output=args.hf_output)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError

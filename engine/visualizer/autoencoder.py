@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1e-6, help="(default: %(default)s)")
     p.add_argument("--log-interval", type=int, default=50, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    return p
+    from engine.cli_help import show_defaults
+
+    return show_defaults(p)
 
 
 def main(argv: list[str] | None = None) -> int:

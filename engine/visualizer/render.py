@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "MetaMorph's)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    return p
+    from engine.cli_help import show_defaults
+
+    return show_defaults(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side-by-side", default=None, metavar="PNG", help="write target | picture, enlarged")
     p.add_argument("--require-closest", action="store_true",
                    help="exit 1 unless the target is the closest image by PSNR and by SSIM")
-    args = p.parse_args(argv)
+    from engine.cli_help import show_defaults
+
+    args = show_defaults(p).parse_args(argv)
     try:
         images = expand_images(args.images)
         if _key(args.target) not in {_key(i) for i in images}:

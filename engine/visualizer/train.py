@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "holds a training state")
     out.add_argument("--save-interval", type=int, default=None, help="(default: only at the end)")
     out.add_argument("--log-interval", type=int, default=10, help="(default: %(default)s)")
-    return p
+    from engine.cli_help import show_defaults
+
+    return show_defaults(p)
 
 
 def main(argv: list[str] | None = None) -> int:
