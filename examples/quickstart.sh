@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded demo, end to end on CPU (about 10 minutes on 2 cores):
+# The embedded demo, end to end on CPU (5-6 minutes on 2 cores; up to ~13 on a busy machine):
 #   preprocess the bundled samples -> train the tiny model with TP2 x PP2 on 4 CPU processes (gloo), stopping
 #   at --exit-interval and resuming -> loss curves -> a tiny autoencoder and visualizer on the bundled images ->
 #   generate text and a picture from the checkpoint -> compare the picture with every bundled image -> summary.
