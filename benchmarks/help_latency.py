@@ -34,6 +34,7 @@ COMMANDS = {
     "python -m engine.visualizer.autoencoder --help": [PY, "-m", "engine.visualizer.autoencoder", "--help"],
     "python -m preprocess build --help": [PY, "-m", "preprocess", "build", "--help"],
     "python -m preprocess inspect --help": [PY, "-m", "preprocess", "inspect", "--help"],
+    "python -m engine.plan --help": [PY, "-m", "engine.plan", "--help"],
 }
 
 

@@ -17,19 +17,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from engine.config import add_model_args, model_config_from_args
-from engine.planning import (
-    GPUS,
-    Calibration,
-    TrainerSupport,
-    enumerate_layouts,
-    gpu_spec,
-    launch_flags,
-    load_calibration,
-    peak_memory,
-    step_time,
-)
-from engine.planning.hardware import GiB
-from engine.training.metrics import flops_per_token
+from engine.planning.hardware import GPUS, Calibration, GiB, gpu_spec, load_calibration
+
+# The layout, memory and timing models import torch (through the trainer's parallel validation): they are
+# imported in `evaluate`, after argument parsing, so that --help answers at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    from engine.planning.layout import TrainerSupport, enumerate_layouts
+    from engine.planning.memory import peak_memory
+    from engine.planning.timing import step_time
+    from engine.training.metrics import flops_per_token
+
     model = model_config_from_args(args)
     gpu = gpu_spec(args.gpu, intra_node_gbs=args.intra_node_bw, inter_node_gbs=args.inter_node_bw,
                    gpus_per_node=args.gpus_per_node, memory_gib=args.memory_gib)
@@ -132,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if not fitting:
         return 1
+    from engine.planning.layout import launch_flags
+
     best = fitting[0]["layout"]
     flags = launch_flags(best, model_preset=args.model_preset, seq_length=model.seq_length)
     if args.stage == 1:

@@ -25,6 +25,7 @@ PROGRAMS = [
     (["-m", "preprocess", "build"], "python -m preprocess build"),
     (["-m", "preprocess", "verify"], "python -m preprocess verify"),
     (["-m", "preprocess", "inspect"], "python -m preprocess inspect"),
+    (["-m", "engine.plan"], "python -m engine.plan"),
 ]
 
 # Runs a program's --help in this interpreter and reports whether torch got imported before the help was printed.

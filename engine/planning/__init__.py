@@ -4,11 +4,20 @@
 validation. Everything here is arithmetic on the model config: no GPU, no process group, no model is built.
 """
 
-from engine.planning.hardware import GPUS, Calibration, GpuSpec, gpu_spec, load_calibration
-from engine.planning.layout import Layout, TrainerSupport, enumerate_layouts, launch_flags, padded_model_config
-from engine.planning.memory import MemoryBreakdown, RankState, peak_memory, rank_state
-from engine.planning.timing import StepTime, step_time
+import importlib
 
-__all__ = ["GPUS", "Calibration", "GpuSpec", "Layout", "MemoryBreakdown", "RankState", "StepTime", "TrainerSupport",
-           "enumerate_layouts", "gpu_spec", "launch_flags", "load_calibration", "padded_model_config", "peak_memory",
-           "rank_state", "step_time"]
+# Names resolve on first use (PEP 562), so `python -m engine.plan --help` and `engine.planning.hardware` need no
+# torch import (layout/memory/timing read the trainer's parallel validation, which imports torch).
+_EXPORTS = {
+    "GPUS": "hardware", "Calibration": "hardware", "GpuSpec": "hardware", "gpu_spec": "hardware",
+    "load_calibration": "hardware", "Layout": "layout", "TrainerSupport": "layout", "enumerate_layouts": "layout",
+    "launch_flags": "layout", "padded_model_config": "layout", "MemoryBreakdown": "memory", "RankState": "memory",
+    "peak_memory": "memory", "rank_state": "memory", "StepTime": "timing", "step_time": "timing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"engine.planning.{_EXPORTS[name]}"), name)
