@@ -321,3 +321,30 @@ def test_compiled_step_equals_eager():
         addresses.append([t.data_ptr() for t in (pooled.caches[0].k, pooled.mode, pooled.hidden, pooled.key_bias)])
     assert compiled.compile and compiled._compiled_ok  # it ran compiled, not the eager fallback
     assert addresses[0] == addresses[1]
+
+
+# --------------------------------------------------------------------------------------------- CPU kernels
+def test_onednn_linears_switch_the_big_cpu_linears_and_restore_them():
+    from engine.generation.linear_kernels import MIN_WEIGHT_ELEMENTS, onednn_linear_available, onednn_linears
+
+    if not onednn_linear_available():
+        pytest.skip("torch built without oneDNN")
+    wide = build_model(preset("tiny", vocab_size=512, hidden_size=256, ffn_hidden_size=512, num_layers=2,
+                              num_attention_heads=4, num_query_groups=2), seed=3).eval()
+    big = [m for m in wide.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
+    tokens = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = wide(tokens)
+        with onednn_linears(wide) as switched:
+            # w1, w3, w2 per layer, the LM head (512 x 256), projector.fc1 and visual_head.fc2 (1152 x 256)
+            assert switched == len(big) == 2 * 3 + 1 + 2
+            assert all("forward" in m.__dict__ for m in big)
+            torch.testing.assert_close(wide(tokens), reference, atol=1e-5, rtol=1e-5)
+        assert not any("forward" in m.__dict__ for m in wide.modules())
+        prompts = [PromptTokens(tokens=[1, 2, 3], seed=0), PromptTokens(tokens=list(range(4, 20)), seed=1)]
+        sampling = SamplingConfig(max_new_tokens=20)
+        onednn = VPiTGenerator(wide, image_start_id=500, image_end_id=501, stop_ids=set(), valid_vocab_size=500)
+        aten = VPiTGenerator(wide, image_start_id=500, image_end_id=501, stop_ids=set(), valid_vocab_size=500,
+                             cpu_linear="aten")
+        assert [r.token_ids for r in onednn.generate(prompts, sampling)] == \
+            [r.token_ids for r in aten.generate(prompts, sampling)]

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.generation.decode_batch import NO_OUTPUT, SLOT, TEXT_MODE, DecodeBatch
+from engine.generation.linear_kernels import onednn_linears
 from engine.model.attention import AttentionMask
 
 
@@ -162,11 +163,14 @@ class VPiTGenerator:
             `fullgraph=True, dynamic=False`.
         prefill_chunk: prompt positions per prefill forward; longer prompts (many images) are prefilled in chunks.
         sync_every: compiled steps between host checks for "every row finished" (eager checks every step).
+        cpu_linear: "onednn" runs the model's linears through oneDNN during decoding on CPU (faster than ATen's
+            MKL sgemm there, same weights; see `engine.generation.linear_kernels`); "aten" keeps `F.linear`.
     """
 
     def __init__(self, model: nn.Module, *, image_start_id: int, image_end_id: int, stop_ids: set[int] | list[int],
                  valid_vocab_size: int, pad_id: int = 0, use_kv_cache: bool = True, compile: bool | None = None,
-                 compile_options: dict | None = None, prefill_chunk: int = 2048, sync_every: int = 16):
+                 compile_options: dict | None = None, prefill_chunk: int = 2048, sync_every: int = 16,
+                 cpu_linear: str = "onednn"):
         self.model = model
         self.config = model.config
         self.image_start_id = image_start_id
@@ -179,6 +183,9 @@ class VPiTGenerator:
         if prefill_chunk < 1 or sync_every < 1:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) and sync_every ({sync_every}) must be >= 1")
         self.prefill_chunk = prefill_chunk
+        if cpu_linear not in ("onednn", "aten"):
+            raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {cpu_linear!r}")
+        self.cpu_linear = cpu_linear
         self.sync_every = sync_every
         first = next(iter(model.layers.values()))
         self._local_kv_heads = _local_rows(first.attention.wk) // self.config.head_dim
@@ -228,6 +235,10 @@ class VPiTGenerator:
             return []
         if min(len(p.tokens) for p in prompts) == 0:
             raise ValueError("empty prompt: a prompt needs at least one token")
+        with onednn_linears(self.model, enabled=self.cpu_linear == "onednn" and not self.compile):
+            return self._generate(prompts, sampling)
+
+    def _generate(self, prompts: list[PromptTokens], sampling: SamplingConfig) -> list[GenerationResult]:
         batch = self._prepare(prompts, sampling)
         if self.use_kv_cache:
             self._prefill(batch)
@@ -240,7 +251,7 @@ class VPiTGenerator:
                     warnings.warn(f"compiled decoding failed ({type(err).__name__}: {err}); decoding eagerly",
                                   stacklevel=2)
                     self.compile, self._compiled_step = False, None
-                    return self.generate(prompts, sampling)
+                    return self._generate(prompts, sampling)
                 self._compiled_ok = True
             else:
                 self._decode_eager(batch, sampling)
