@@ -12,7 +12,7 @@ PACKAGES = find_packages(include=["engine", "engine.*", "preprocess", "preproces
 EXTRAS = {
     # Everything the CPU test suite exercises (MPI's runtime comes from the system: see .ci/run).
     "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "sentencepiece", "tiktoken", "tokenizers",
-            "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.30", "mpi4py",
+            "scikit-image", "pillow", "tqdm", "tensorboard", "matplotlib", "diffusers>=0.32", "mpi4py",
             # chrysalis_kernels' tests run the Triton kernels on CPU under its interpreter (TRITON_INTERPRET=1).
             "triton>=3.9",
             # FP8 module conversion and its CPU emulation tests (tests/test_training_fast_paths.py).
@@ -26,6 +26,8 @@ EXTRAS = {
     # torchao float8 training (--fp8-format); 0.18 is built against torch 2.13 and does not pull another torch.
     "fp8": ["torchao>=0.18,<0.19"],
     "viz": ["diffusers>=0.30", "transformers>=4.45", "pillow"],
+    # --recipe metaquery: SanaTransformer2DModel, flow-sigma DPM-Solver and FlowMatchEuler sigmas need diffusers 0.32
+    "metaquery": ["diffusers>=0.32", "transformers>=4.45", "pillow"],
     "wandb": ["wandb"],
 }
 
