@@ -36,14 +36,14 @@ def _recipe(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     recipe, argv = _recipe(list(sys.argv[1:] if argv is None else argv))
     if recipe == "metaquery":  # MetaQuery: frozen LLM + learnable queries + diffusion decoder (docs/metaquery.md)
-        from engine.metaquery.trainer import main as metaquery_main
-
         if "-h" in argv or "--help" in argv:
             from engine.metaquery.config import metaquery_help
 
             print(metaquery_help())
             print("All other flags are the VPiT trainer's (below).\n")
         else:
+            from engine.metaquery.trainer import main as metaquery_main
+
             return metaquery_main(argv)
     elif recipe != "vpit":
         print(f"error: --recipe {recipe!r}: choose vpit (default) or metaquery", file=sys.stderr)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch is imported after argument parsing: `--help` stays fast
+    import torch
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -50,26 +51,39 @@ class MetaQueryRenderer:
     device: torch.device
     dtype: torch.dtype
 
-    @torch.no_grad()
-    def conditions(self, rows: list[tuple[np.ndarray, np.ndarray, torch.Tensor]]) -> torch.Tensor:
+    def conditions(self, rows: list) -> torch.Tensor:
         """[(tokens, image slot starts, SigLIP rows)] -> [R, N, D] decoder conditioning."""
+        import torch
+
         from engine.metaquery.data import left_padded
 
         tokens, mask, visual, positions = left_padded([(t, s) for t, s, _ in rows], [e for *_, e in rows],
                                                       self.tokenizer.pad_id)
+        with torch.no_grad():
+            return self._conditions(tokens, mask, visual, positions)
+
+    def _conditions(self, tokens, mask, visual, positions):
         states = self.llm.query_states(tokens.to(self.device), mask.to(self.device),
                                        visual.to(self.device, self.dtype) if visual.shape[0] else None,
                                        positions.to(self.device) if visual.shape[0] else None,
                                        self.head.queries.to(self.dtype), grad=False)
         return self.head.connector(states.to(self.dtype))
 
-    @torch.no_grad()
-    def render(self, prompts: list, image_tokens: list[torch.Tensor | None], *, guidance_scale: float = 3.0,
+    def render(self, prompts: list, image_tokens: list, *, guidance_scale: float = 3.0,
                image_guidance_scale: float = 1.5, steps: int = 30, seed: int = 0,
                first_index: int = 0) -> torch.Tensor:
         """Images [B, 3, S, S] in [0, 1] for `prompts` (`engine.generation.PromptInput`); `image_tokens[i]` holds
         prompt i's images as SigLIP rows [k, 64, 1152] (None without images). Sample i's noise is seeded by
         (seed, first_index + i)."""
+        import torch
+
+        with torch.no_grad():
+            return self._render(prompts, image_tokens, guidance_scale, image_guidance_scale, steps, seed, first_index)
+
+    def _render(self, prompts, image_tokens, guidance_scale, image_guidance_scale, steps, seed, first_index):
+        import numpy as np
+        import torch
+
         from engine.generation.prompts import encode_prompt
         from engine.metaquery.data import null_prompts
         from engine.metaquery.decoder import decoder_forward, sampling_scheduler
@@ -118,7 +132,7 @@ class MetaQueryRenderer:
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
 
-def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   llm: str | None = None, decoder: str | None = None, log=print) -> MetaQueryRenderer:
     """A MetaQuery training checkpoint (`--save` directory or one `iter_*`) ready to render.
 
@@ -126,6 +140,8 @@ def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype
         llm / decoder: where the frozen LLM / the decoder directory are now, when they moved since training
             (the LLM's fingerprint is checked; a mismatch is a warning with an override).
     """
+    import torch
+
     from engine.metaquery.connector import ConnectorConfig
     from engine.metaquery.decoder import inspect_decoder, load_decoder_model, load_vae
     from engine.metaquery.llm import reload_llm
@@ -135,6 +151,7 @@ def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype
     from engine.training.parallel import ParallelInfo
 
     device = torch.device(device)
+    dtype = dtype or torch.float32
     if not Path(load).exists():
         raise FileNotFoundError(f"--load {load}: no such file or directory")
     path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
@@ -194,15 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from engine.generation.loading import build_prompt_encoder
     from engine.generation.prompts import PromptInput, encode_images, read_batch_file
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
-    if not (np.isfinite(args.guidance_scale) and np.isfinite(args.image_guidance_scale)):
+    if not (math.isfinite(args.guidance_scale) and math.isfinite(args.image_guidance_scale)):
         raise ValueError("--guidance-scale and --image-guidance-scale must be finite")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
+                                                                     else torch.float32)
     if args.batch_file:
         if args.image or args.system:
             raise ValueError("--image and --system go with --prompt; put images in the batch file's 'images'")
