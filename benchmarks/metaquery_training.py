@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -40,7 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,16 +80,17 @@ def sizes(args) -> dict:
         # beside the real ones, counted on the meta device): VAE encoder ~1.4x the UNet, LLM ~0.1x, connector ~0.05x.
         # An 8x-downsampling 4-level VAE and a 4-level UNet at 128 px (16 x 16 latents), a 128-wide 2-layer LLaMA,
         # 77 queries, a 2-block connector, the reference's system prompt in every prompt.
-        return dict(image=128, vae_channels=(32, 64, 128, 128), unet_channels=(64, 128, 256, 256), width=128,
-                    llm="tiny", llm_hidden=128, llm_layers=2, queries=77, connector=2, batch=args.batch_size or 8,
-                    bf16=False, device="cpu", layers_per_block=2, vae_layers=1)
+        return {"image": 128, "vae_channels": (32, 64, 128, 128), "unet_channels": (64, 128, 256, 256),
+                "width": 128, "llm": "tiny", "llm_hidden": 128, "llm_layers": 2, "queries": 77, "connector": 2,
+                "batch": args.batch_size or 8, "bf16": False, "device": "cpu", "layers_per_block": 2, "vae_layers": 1}
     if args.smoke:
-        return dict(image=64, vae_channels=(32, 32, 64, 64), unet_channels=(32, 32, 64, 64), width=96, llm="tiny",
-                    llm_hidden=None, llm_layers=None, queries=16, connector=2, batch=args.batch_size or 2, bf16=False,
-                    device="cuda" if torch.cuda.is_available() else "cpu", layers_per_block=1, vae_layers=1)
-    return dict(image=512, vae_channels=(128, 256, 512, 512), unet_channels=(320, 640, 1280, 1280), width=768,
-                llm="llama3.2-1b", llm_hidden=None, llm_layers=None, queries=77, connector=24,
-                batch=args.batch_size or 32, bf16=True, device="cuda", layers_per_block=2, vae_layers=2)
+        return {"image": 64, "vae_channels": (32, 32, 64, 64), "unet_channels": (32, 32, 64, 64), "width": 96,
+                "llm": "tiny", "llm_hidden": None, "llm_layers": None, "queries": 16, "connector": 2,
+                "batch": args.batch_size or 2, "bf16": False, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "layers_per_block": 1, "vae_layers": 1}
+    return {"image": 512, "vae_channels": (128, 256, 512, 512), "unet_channels": (320, 640, 1280, 1280), "width": 768,
+            "llm": "llama3.2-1b", "llm_hidden": None, "llm_layers": None, "queries": 77, "connector": 24,
+            "batch": args.batch_size or 32, "bf16": True, "device": "cuda", "layers_per_block": 2, "vae_layers": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -144,9 +145,9 @@ def prepare(work: Path, s: dict, args) -> dict:
           "--targets", "vae-latents", "--vae", str(decoder), "--vae-image-size", str(s["image"])])
     tokenizer = build_tokenizer("tiktoken", REPO / "examples/data/tokenizer/tokenizer.model")
     size = padded_vocab_size(tokenizer.vocab_size, 128)
-    shape = {} if s["llm_hidden"] is None else dict(hidden_size=s["llm_hidden"], ffn_hidden_size=4 * s["llm_hidden"],
-                                                     num_layers=s["llm_layers"], num_attention_heads=4,
-                                                     num_query_groups=4)
+    shape = {} if s["llm_hidden"] is None else {"hidden_size": s["llm_hidden"], "ffn_hidden_size": 4 * s["llm_hidden"],
+                                                 "num_layers": s["llm_layers"], "num_attention_heads": 4,
+                                                 "num_query_groups": 4}
     llm_config = preset(s["llm"], vocab_size=size, real_vocab_size=tokenizer.vocab_size, seq_length=512,
                         max_position_embeddings=2048, rope_scaling=None, attention_backend="sdpa", **shape)
     model = build_model(llm_config, seed=3)
@@ -273,7 +274,7 @@ class ReferenceLoop:
         self.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         clock.append(time.perf_counter())
-        for key, (a, b) in zip(("read+decode+tokenize", "vae_encode", "model+optimizer"), zip(clock, clock[1:])):
+        for key, (a, b) in zip(("read+decode+tokenize", "vae_encode", "model+optimizer"), itertools.pairwise(clock)):
             self.seconds[key] = self.seconds.get(key, 0.0) + b - a
         return value
 

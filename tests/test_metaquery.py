@@ -141,7 +141,7 @@ def test_noise_is_a_function_of_the_sample_index_only():
     text, _ = _samples()
     collate = _collate()
     latent = torch.zeros(8, 8, 8, dtype=torch.bfloat16)
-    item = lambda i: (i, text, torch.zeros(0, 64, 1152), latent)  # noqa: E731
+    item = lambda i: (i, text, torch.zeros(0, 64, 1152), latent)
     a = collate([item(5), item(9)])
     b = collate([item(9)])
     assert torch.equal(a.noise[1], b.noise[0]) and torch.equal(a.u[1], b.u[0])

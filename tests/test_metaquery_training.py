@@ -306,7 +306,6 @@ def test_sana_decoder_trains_and_renders_with_a_source_image(world, tmp_path):
 
 def test_errors_name_the_flag_or_file(world, sample_shards, tmp_path, capsys):
     import pretrain_gpt_vision
-
     from engine.metaquery.decoder import write_tiny_decoder
     from engine.visualizer.autoencoder import tiny_autoencoder
 

@@ -49,7 +49,7 @@ class LatentPartWriter:
     def __init__(self, path: str | Path, row_shape) -> None:
         self.path = str(path)
         self.row_shape = tuple(int(d) for d in row_shape)
-        self.handle = open(self.path + ".tmp", "wb")
+        self.handle = open(self.path + ".tmp", "wb")  # noqa: SIM115 (closed by commit, as EmbeddingPartWriter)
         self.rows = 0
 
     def append(self, rows: torch.Tensor) -> None:
@@ -82,8 +82,7 @@ def finalize_latent_part(part: Path, final: Path, local_rows: int, keep: list[in
         return True
     data = np.memmap(part, dtype=np.uint8, mode="r").reshape(local_rows, -1)
     with open(str(final) + ".tmp", "wb") as handle:
-        for local in keep:
-            handle.write(data[local].tobytes())
+        handle.writelines(data[local].tobytes() for local in keep)
     del data
     replace_atomic(str(final) + ".tmp", final)
     part.unlink()
@@ -105,7 +104,7 @@ class LatentStore:
         info = manifest.get("latents")
         out_dir = Path(out_dir)
         if not isinstance(info, dict):
-            raise ValueError(f"{out_dir}: the build has no VAE latents; rebuild it with "
+            raise ValueError(f"{out_dir}: the build has no VAE latents; rebuild it with "  # noqa: TRY004 (bad input)
                              "`python -m preprocess build ... --targets vae-latents --vae VAE_DIR`")
         self.info = info
         self.vae = info["vae"]

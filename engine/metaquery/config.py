@@ -19,23 +19,24 @@ from typing import Any
 
 # flag -> (field, type, help); `bool` flags are store_true.
 _FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--decoder": ("decoder", str, "local diffusers directory: unet/ (SD 1.5 layout, DDPM epsilon loss) or "
-                  "transformer/ (Sana, flow matching), with scheduler/ and vae/"),
-    "--llm": ("llm", str, "the frozen LLM: a Chrysalis checkpoint (model-only, or a VPiT training --save dir); "
-              "--load-hf imports a Hugging Face LLaMA instead"),
-    "--num-queries": ("num_queries", int, "learnable queries appended after the prompt (default: the reference's, "
-                      "77 for a UNet decoder, 256 for Sana)"),
-    "--connector-layers": ("connector_layers", int, "transformer-encoder blocks of the connector (default: 24, "
-                           "the reference's connector_num_hidden_layers)"),
-    "--train-decoder": ("train_decoder", bool, "train the decoder too (the reference's Sana configs do; its SD "
-                        "configs freeze the UNet)"),
-    "--freeze-queries": ("freeze_queries", bool, "keep the queries at their initial values: no backward through "
-                         "the LLM at all (only the connector and optionally the decoder train)"),
-    "--cfg-prob": ("cfg_prob", float, "classifier-free guidance dropout of a text-only prompt (default: 0.1, the "
-                   "reference's text-to-image rate)"),
-    "--cfg-instruct-prob": ("cfg_instruct_prob", float, "with prompt images: text dropped with this probability, "
-                            "images with this probability, both with half of it (default: 0.2, the reference's "
-                            "instruction rates)"),
+    "--decoder": ("decoder", str, ("local diffusers directory: unet/ (SD 1.5 layout, DDPM epsilon loss) or "
+                                   "transformer/ (Sana, flow matching), with scheduler/ and vae/")),
+    "--llm": ("llm", str, ("the frozen LLM: a Chrysalis checkpoint (model-only, or a VPiT training --save dir); "
+                           "--load-hf imports a Hugging Face LLaMA instead")),
+    "--num-queries": ("num_queries", int, ("learnable queries appended after the prompt (default: the "
+                                           "reference's, 77 for a UNet decoder, 256 for Sana)")),
+    "--connector-layers": ("connector_layers", int, ("transformer-encoder blocks of the connector (default: 24, "
+                                                     "the reference's connector_num_hidden_layers)")),
+    "--train-decoder": ("train_decoder", bool, ("train the decoder too (the reference's Sana configs do; its SD "
+                                                "configs freeze the UNet)")),
+    "--freeze-queries": ("freeze_queries", bool, ("keep the queries at their initial values: no backward through "
+                                                  "the LLM at all (only the connector and optionally the decoder "
+                                                  "train)")),
+    "--cfg-prob": ("cfg_prob", float, ("classifier-free guidance dropout of a text-only prompt (default: 0.1, the "
+                                       "reference's text-to-image rate)")),
+    "--cfg-instruct-prob": ("cfg_instruct_prob", float, ("with prompt images: text dropped with this probability, "
+                                                         "images with this probability, both with half of it "
+                                                         "(default: 0.2, the reference's instruction rates)")),
 }
 
 # The reference's optimizer and schedule (facebookresearch/metaquery train.py TrainingArguments + configs/*.yaml),

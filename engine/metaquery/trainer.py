@@ -20,12 +20,12 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engine.metaquery.config import MetaQueryConfig
 from engine.training import checkpoint as ckpt
@@ -43,19 +43,20 @@ def _refuse_vpit_only(config: TrainingConfig) -> None:
     """VPiT settings that mean nothing here are refused by name (never silently ignored)."""
     c = config
     checks = [
-        (c.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1: the metaquery recipe shards the "
-         "frozen LLM with tensor parallelism only (--tensor-model-parallel-size)"),
+        (c.pipeline_model_parallel_size > 1, ("--pipeline-model-parallel-size > 1: the metaquery recipe shards the "
+                                              "frozen LLM with tensor parallelism only (--tensor-model-parallel-size)")),
         (c.sequence_parallel, "--sequence-parallel: the frozen LLM runs prompt + queries through a KV cache"),
         (c.stage != 2 or c.stage1_train_visual_head, "--stage/--stage1-train-visual-head are VPiT's stages"),
         (c.fp8_format is not None, "--fp8-format: FP8 is for the VPiT trainer's transformer blocks"),
         (c.compile, "--compile is not wired into the metaquery recipe"),
         (bool(c.recompute_num_layers) or c.recompute_granularity != "full",
-         "--recompute-*: the LLM keeps activations of the N query positions only; nothing to recompute"),
+         ("--recompute-*: the LLM keeps activations of the N query positions only; nothing to recompute")),
         (c.use_distributed_optimizer, "--use-distributed-optimizer: use --data-parallel-sharding fsdp"),
         (c.model.fused_linear_cross_entropy or c.model.fused_visual_head_loss, "--fused-*: VPiT's text/visual losses"),
         (c.data.mock_data, "--mock-data: MetaQuery trains from builds made with --targets vae-latents"),
-        (c.checkpoint.finetune or c.checkpoint.load_partial, "--finetune/--load-partial: --load resumes a MetaQuery "
-         "checkpoint; a VPiT model is the frozen LLM (--llm)"),
+        (c.checkpoint.finetune or c.checkpoint.load_partial, ("--finetune/--load-partial: --load resumes a "
+                                                              "MetaQuery checkpoint; a VPiT model is the frozen LLM "
+                                                              "(--llm)")),
     ]
     problems = [message for bad, message in checks if bad]
     if problems:
@@ -134,6 +135,7 @@ class MetaQueryTrainer:
                                                   c.logging.eval_iters * self.global_batch_size, c.seed)
 
     def _build(self) -> None:
+        from engine.metaquery.connector import ConnectorConfig
         from engine.metaquery.decoder import (
             DEFAULT_NUM_QUERIES,
             INPUT_SCALE,
@@ -142,7 +144,6 @@ class MetaQueryTrainer:
             load_decoder_model,
         )
         from engine.metaquery.llm import load_llm
-        from engine.metaquery.connector import ConnectorConfig
         from engine.metaquery.model import FrozenLLM, MetaQueryHead
         from engine.training.optim import WarmupDecaySchedule, build_optimizer
         from engine.training.parallel import parallelize
