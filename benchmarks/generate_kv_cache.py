@@ -246,16 +246,19 @@ def section_vpit(model, args) -> dict:
                        warmup={"recompute": lambda: full.generate(prompts, short)})
     a, b = runs["cached"][-1].output[0], runs["recompute"][-1].output[0]
     same_tokens = a.token_ids == b.token_ids and a.new_positions == b.new_positions == args.new_tokens
+    agree = common_prefix(a.token_ids, b.token_ids)
     image_diff = max((x - y).abs().max().item() for x, y in zip(a.images, b.images)) if a.images else None
     speedup, speedup_cpu = ratios(runs["recompute"], runs["cached"])
     out = {"section": "vpit", "batch": 1, "new_tokens": args.new_tokens, "images": len(a.images),
            "cached_tok_s": [round(args.new_tokens / r.seconds, 2) for r in runs["cached"]],
            "recompute_tok_s": [round(args.new_tokens / r.seconds, 2) for r in runs["recompute"]],
            "speedup": speedup, "speedup_cpu_time": speedup_cpu, "same_tokens": same_tokens,
+           "tokens_in_agreement": agree, "positions": [a.new_positions, b.new_positions],
            "max_visual_token_diff": image_diff,
            "load_after": load()}
-    print(f"  check: same {len(a.token_ids)} token ids and {a.new_positions} positions: {same_tokens}; "
-          f"{len(a.images)} image(s), max |visual token difference| {image_diff}")
+    print(f"  check: same {len(a.token_ids)} token ids and {a.new_positions} positions: {same_tokens} (first {agree} "
+          f"ids agree; positions {a.new_positions} and {b.new_positions}); {len(a.images)} image(s) each, max |visual "
+          f"token difference| {image_diff}")
     print(f"  KV cache vs recompute: {fmt(speedup)} (goal >= 10x); by CPU time {fmt(speedup_cpu)}  "
           f"(load {load()})", flush=True)
     return out
