@@ -139,10 +139,12 @@ def prepare(work: Path, s: dict, args) -> dict:
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   clip_sample=False, steps_offset=1).save_pretrained(decoder / "scheduler")
     build = work / "build"
-    _run(["-m", "preprocess", "build", "--input", str(records), "--image-root", str(SAMPLE), "--tokenizer-type",
-          "tiktoken", "--tokenizer-model", str(REPO / "examples/data/tokenizer/tokenizer.model"), "--vision-encoder",
-          "tiny-random", "--seq-length", "512", "--output", str(build), "--no-progress", "--image-decoder", "pil",
-          "--targets", "vae-latents", "--vae", str(decoder), "--vae-image-size", str(s["image"])])
+    if not (build / "manifest.json").is_file():  # a --work-dir prepared before keeps its build (same inputs)
+        _run(["-m", "preprocess", "build", "--input", str(records), "--image-root", str(SAMPLE), "--tokenizer-type",
+              "tiktoken", "--tokenizer-model", str(REPO / "examples/data/tokenizer/tokenizer.model"),
+              "--vision-encoder", "tiny-random", "--seq-length", "512", "--output", str(build), "--no-progress",
+              "--image-decoder", "pil", "--targets", "vae-latents", "--vae", str(decoder), "--vae-image-size",
+              str(s["image"])])
     tokenizer = build_tokenizer("tiktoken", REPO / "examples/data/tokenizer/tokenizer.model")
     size = padded_vocab_size(tokenizer.vocab_size, 128)
     shape = {} if s["llm_hidden"] is None else {"hidden_size": s["llm_hidden"], "ffn_hidden_size": 4 * s["llm_hidden"],

@@ -183,3 +183,24 @@ def test_head_holds_only_what_trains():
     assert "queries" in names and all(n == "queries" or n.startswith("connector.") for n in names)
     frozen = MetaQueryHead(8, config, train_queries=False)
     assert not frozen.queries.requires_grad
+
+
+def test_vae_latent_build_flags_are_checked(tmp_path):
+    from preprocess.config import BuildConfig, BuildError
+    from preprocess.vae_latents import describe_vae
+
+    base = {"inputs": ["x.jsonl"], "output": str(tmp_path / "out"), "tokenizer_type": "tiktoken",
+            "tokenizer_model": "t", "vision_encoder": "tiny-random"}
+    with pytest.raises(BuildError, match="--targets vae-latents needs --vae"):
+        BuildConfig(**base, targets="vae-latents")
+    with pytest.raises(BuildError, match="--vae is only used with --targets vae-latents"):
+        BuildConfig(**base, vae=str(tmp_path))
+    with pytest.raises(BuildError, match="describes a diffusers AutoencoderKL or AutoencoderDC"):
+        describe_vae(tmp_path, 16)
+    from engine.visualizer.autoencoder import tiny_autoencoder
+
+    tiny_autoencoder(16).save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline directory: its vae/ is used
+    with pytest.raises(BuildError, match="multiple of the VAE's downsampling factor 2"):
+        describe_vae(tmp_path / "pipe", 15)
+    info = describe_vae(tmp_path / "pipe", 16)
+    assert (info["kind"], info["row_shape"], info["name"]) == ("gaussian", [8, 8, 8], "pipe")
