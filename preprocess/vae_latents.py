@@ -1,8 +1,8 @@
 """`--targets vae-latents`: every image's VAE latent, computed once offline so no VAE encoder runs in training.
 
-`describe_vae` says which autoencoder a build uses (the manifest's `latents.vae` entry, with a fingerprint of its
-config, weight files, image size, transform and compute dtype) without building it; `VaeLatentBackend` decodes
-image bytes with the reference's target transform and encodes them. The store's format is `engine.data.latents`.
+`describe_vae` says which autoencoder a build uses (the manifest's `latents.vae` entry, defined with the store's
+format in `engine.data.latents`, which training also reads) without building it; `VaeLatentBackend` decodes image
+bytes with the reference's target transform and encodes them.
 
 Target transform (facebookresearch/metaquery `dataset.py`, `target_transform`): resize the shorter side to
 `--vae-image-size` (bilinear, antialiased), center-crop a square of that side, scale to [-1, 1]. MetaQuery's
@@ -12,8 +12,6 @@ AutoencoderKL, 32 for Sana's AutoencoderDC).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,80 +21,15 @@ from preprocess.config import BuildError
 if TYPE_CHECKING:
     import torch
 
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_VOLATILE = ("_diffusers_version", "_name_or_path")
-
-
-def resolve_vae_dir(path: str | Path) -> Path:
-    """The autoencoder's own directory: `path` when its config.json is an AutoencoderKL/DC, else `path/vae`
-    (a diffusers pipeline directory such as Stable Diffusion 1.5's or Sana's).
-
-    Raises:
-        BuildError: neither holds an autoencoder config.
-    """
-    path = Path(path)
-    for candidate in (path, path / "vae"):
-        config = candidate / "config.json"
-        if config.is_file():
-            try:
-                data = json.loads(config.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise BuildError(f"--vae {path}: {config} is not valid JSON ({error})") from None
-            if isinstance(data, dict) and data.get("_class_name") in VAE_CLASSES:
-                return candidate
-    raise BuildError(f"--vae {path}: neither {path / 'config.json'} nor {path / 'vae' / 'config.json'} describes a "
-                     f"diffusers {' or '.join(VAE_CLASSES)} (nothing is downloaded at run time)")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def downsample_factor(class_name: str, config: dict) -> int:
-    if class_name == "AutoencoderKL":
-        return 2 ** (len(config.get("block_out_channels", (64,))) - 1)
-    return 2 ** (len(config.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))) - 1)
-
 
 def describe_vae(path: str | Path, image_size: int) -> dict:
-    """The manifest's `latents.vae` entry for `--vae path --vae-image-size image_size`, from files only.
+    """`engine.data.latents.describe_vae` (the manifest's `latents.vae` entry), its errors as BuildErrors."""
+    from engine.data.latents import describe_vae as describe
 
-    Raises:
-        BuildError: no autoencoder there, no weights, or an image size the VAE cannot encode exactly.
-    """
-    directory = resolve_vae_dir(path)
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    class_name = config["_class_name"]
-    weights = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
-    if not weights:
-        raise BuildError(f"--vae {path}: no weight files (*.safetensors) in {directory}")
-    factor = downsample_factor(class_name, config)
-    if image_size < factor or image_size % factor:
-        raise BuildError(f"--vae-image-size {image_size} must be a positive multiple of the VAE's downsampling "
-                         f"factor {factor} ({class_name} in {directory})")
-    channels = int(config.get("latent_channels", 4 if class_name == "AutoencoderKL" else 32))
-    kind = "gaussian" if class_name == "AutoencoderKL" else "deterministic"
-    side = image_size // factor
-    row_shape = [2 * channels if kind == "gaussian" else channels, side, side]
-    scaling = config.get("scaling_factor")
-    shift = config.get("shift_factor")
-    meta = {
-        "config": {k: v for k, v in config.items() if k not in _VOLATILE},
-        "weights": {p.name: _sha256(p) for p in weights},
-        "image_size": image_size, "resize": "shorter-side-bilinear-antialias+center-crop", "range": "[-1, 1]",
-        "compute_dtype": "float32", "kind": kind, "storage": "bfloat16",
-    }
-    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
-    return {"name": directory.parent.name if directory.name == "vae" else directory.name, "class": class_name,
-            "kind": kind, "latent_channels": channels, "downsample": factor, "image_size": image_size,
-            "row_shape": row_shape, "scaling_factor": 1.0 if scaling is None else float(scaling),
-            "shift_factor": None if shift is None else float(shift), "resize": meta["resize"],
-            "compute_dtype": "float32", "fingerprint": fingerprint, "path": str(directory.resolve())}
+    try:
+        return describe(path, image_size)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
 
 
 def target_pixels(data: bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
@@ -138,8 +71,8 @@ class VaeLatentBackend:
 
     def __init__(self, description: dict, device: str | None = None,
                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        import torch
         import diffusers
+        import torch
 
         current = describe_vae(description["path"], description["image_size"])
         if current["fingerprint"] != description["fingerprint"]:

@@ -33,6 +33,79 @@ if TYPE_CHECKING:
 
 LATENT_DIR = "latents"
 LATENT_KINDS = ("gaussian", "deterministic")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
+VAE_RESIZE = "shorter-side-bilinear-antialias+center-crop"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_VOLATILE = ("_diffusers_version", "_name_or_path")
+
+
+def resolve_vae_dir(path: str | Path) -> Path:
+    """The autoencoder's own directory: `path` when its config.json is an AutoencoderKL/DC, else `path/vae`
+    (a diffusers pipeline directory such as Stable Diffusion 1.5's or Sana's). Raises ValueError."""
+    import json
+
+    path = Path(path)
+    for candidate in (path, path / "vae"):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"--vae {path}: {config} is not valid JSON ({error})") from None
+            if isinstance(data, dict) and data.get("_class_name") in VAE_CLASSES:
+                return candidate
+    raise ValueError(f"--vae {path}: neither {path / 'config.json'} nor {path / 'vae' / 'config.json'} describes a "
+                     f"diffusers {' or '.join(VAE_CLASSES)} (nothing is downloaded at run time)")
+
+
+def downsample_factor(class_name: str, config: dict) -> int:
+    if class_name == "AutoencoderKL":
+        return 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+    return 2 ** (len(config.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))) - 1)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_vae(path: str | Path, image_size: int) -> dict:
+    """The manifest's `latents.vae` entry for an autoencoder directory and image size, from files only: name,
+    class, kind, latent channels, downsampling, row shape, scaling/shift factors and a fingerprint of the config,
+    the weight files, the size, the transform and the compute dtype (everything that changes a stored row).
+    Training compares it with the build's to check a decoder directory's vae/. Raises ValueError."""
+    import hashlib
+    import json
+
+    directory = resolve_vae_dir(path)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    class_name = config["_class_name"]
+    weights = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        raise ValueError(f"--vae {path}: no weight files (*.safetensors) in {directory}")
+    factor = downsample_factor(class_name, config)
+    if image_size < factor or image_size % factor:
+        raise ValueError(f"--vae-image-size {image_size} must be a positive multiple of the VAE's downsampling "
+                         f"factor {factor} ({class_name} in {directory})")
+    channels = int(config.get("latent_channels", 4 if class_name == "AutoencoderKL" else 32))
+    kind = "gaussian" if class_name == "AutoencoderKL" else "deterministic"
+    side = image_size // factor
+    scaling, shift = config.get("scaling_factor"), config.get("shift_factor")
+    meta = {"config": {k: v for k, v in config.items() if k not in _VOLATILE},
+            "weights": {p.name: _sha256(p) for p in weights}, "image_size": image_size, "resize": VAE_RESIZE,
+            "range": "[-1, 1]", "compute_dtype": "float32", "kind": kind, "storage": "bfloat16"}
+    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    return {"name": directory.parent.name if directory.name == "vae" else directory.name, "class": class_name,
+            "kind": kind, "latent_channels": channels, "downsample": factor, "image_size": image_size,
+            "row_shape": [2 * channels if kind == "gaussian" else channels, side, side],
+            "scaling_factor": 1.0 if scaling is None else float(scaling),
+            "shift_factor": None if shift is None else float(shift), "resize": VAE_RESIZE, "compute_dtype": "float32",
+            "fingerprint": fingerprint, "path": str(directory.resolve())}
 
 
 def latent_segment_path(shard: int) -> str:

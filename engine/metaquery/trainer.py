@@ -185,7 +185,7 @@ class MetaQueryTrainer:
     def _check_decoder_against_latents(self) -> None:
         """The decoder must read the latents the builds hold: same channels, and (when DIR/vae/ is there) the
         very VAE that made them."""
-        from preprocess.vae_latents import describe_vae
+        from engine.data.latents import describe_vae
 
         info, store = self.decoder_info, self.latent_store
         channels = store.latent_shape[0]
