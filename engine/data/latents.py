@@ -64,16 +64,6 @@ def downsample_factor(class_name: str, config: dict) -> int:
     return 2 ** (len(config.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))) - 1)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe_vae(path: str | Path, image_size: int) -> dict:
     """The manifest's `latents.vae` entry for an autoencoder directory and image size, from files only: name,
     class, kind, latent channels, downsampling, row shape, scaling/shift factors and a fingerprint of the config,
@@ -81,6 +71,8 @@ def describe_vae(path: str | Path, image_size: int) -> dict:
     Training compares it with the build's to check a decoder directory's vae/. Raises ValueError."""
     import hashlib
     import json
+
+    from engine.data.manifest import sha256_file
 
     directory = resolve_vae_dir(path)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -97,7 +89,7 @@ def describe_vae(path: str | Path, image_size: int) -> dict:
     side = image_size // factor
     scaling, shift = config.get("scaling_factor"), config.get("shift_factor")
     meta = {"config": {k: v for k, v in config.items() if k not in _VOLATILE},
-            "weights": {p.name: _sha256(p) for p in weights}, "image_size": image_size, "resize": VAE_RESIZE,
+            "weights": {p.name: sha256_file(p) for p in weights}, "image_size": image_size, "resize": VAE_RESIZE,
             "range": "[-1, 1]", "compute_dtype": "float32", "kind": kind, "storage": "bfloat16"}
     fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
     return {"name": directory.parent.name if directory.name == "vae" else directory.name, "class": class_name,

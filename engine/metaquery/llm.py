@@ -20,13 +20,7 @@ from typing import Any
 
 import torch
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from engine.data.manifest import sha256_file as _sha256
 
 
 def chrysalis_fingerprint(path: Path) -> str:
