@@ -5,7 +5,7 @@
     python benchmarks/generate_profile.py --threads 1 --batch 32 --new-tokens 512 --top 15
 
 Reported per decode step (profiler self CPU time, so another job's load inflates it much less than wall time):
-matrix products (aten::mm/addmm/bmm: the blocks' linears and the LM head), attention (the sdpa kernels),
+matrix products (aten::mm/addmm/bmm and oneDNN's linear: the blocks' linears and the LM head), attention (the sdpa kernels),
 concatenation (aten::cat: how Hugging Face's dynamic cache grows), copies (copy_/index_copy_/fill_: our in-place
 cache writes), everything else (norms, RoPE, activations, selection, views), and the number of aten calls.
 The profiler adds a few microseconds per op; compare the two columns, not the totals with the benchmark's.
@@ -36,7 +36,7 @@ from engine.generation import SamplingConfig
 from engine.model.vpit import build_model
 
 KINDS = {
-    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
                   "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_attention_math"),
     "concatenation": ("aten::cat",),
@@ -52,7 +52,7 @@ def breakdown(fn, steps: int) -> tuple[dict[str, float], float, list]:
     ms: dict[str, float] = {kind: 0.0 for kind in [*KINDS, "everything else"]}
     calls = 0
     for e in events:
-        if not e.key.startswith("aten::"):
+        if not e.key.startswith(("aten::", "mkldnn::")):
             continue
         calls += e.count
         kind = next((k for k, names in KINDS.items() if e.key in names), "everything else")
