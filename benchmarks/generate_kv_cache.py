@@ -11,7 +11,9 @@ How it measures (shared/BENCHMARKING.md): every comparison runs its sides interl
 run of each, for `--pairs` rounds; a round's ratio compares the two runs of that round, and the report is the
 median ratio with its min-max. The load average is printed before and after each section. Both sides do the
 same work, checked and printed: the same prompt token ids, the same number of new tokens, the same scripted
-choices, and the tokens that come out are compared (and the visual tokens, for the VPiT section).
+choices, and the tokens that come out are compared (and the visual tokens, for the VPiT section). Ratios are
+wall clock; the CPU-time ratios printed beside them are steadier on a shared machine with `--threads 1` (with
+more threads, OpenMP workers' time is not attributed evenly to short calls: read wall time).
 
 CPU sections (`--sections`, default all; random fp32 weights: speed does not depend on them):
   vpit   batch 1, VPiT decoding: greedy text, `<image_start>` forced at step `--image-at`, 64 visual tokens fed
