@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +28,10 @@ import torch.distributed as dist
 from engine.metaquery.config import MetaQueryConfig
 from engine.training import checkpoint as ckpt
 from engine.training.config import TrainingConfig
+from engine.training.loop import TooManySkippedSteps, TrainingLoop
 from engine.training.parallel import ParallelInfo, all_reduce_sum
 
 RECIPE = "metaquery"
-
-
-class TooManySkippedSteps(RuntimeError):
-    """More consecutive non-finite steps than `--max-skipped-steps`."""
 
 
 def _refuse_vpit_only(config: TrainingConfig) -> None:
@@ -63,7 +58,7 @@ def _refuse_vpit_only(config: TrainingConfig) -> None:
         raise ValueError("not supported with --recipe metaquery:\n  " + "\n  ".join(problems))
 
 
-class MetaQueryTrainer:
+class MetaQueryTrainer(TrainingLoop):
     """Builds data, the frozen LLM, the decoder and the head from validated configs, resumes from `--load`, trains.
 
     Args:
@@ -350,80 +345,26 @@ class MetaQueryTrainer:
                                       num_workers=self.config.data.num_workers if num_workers is None else num_workers,
                                       pin_memory=self.device.type == "cuda")
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_requested = True
-        print(f"[rank {self.info.rank}] received signal {signum}: saving a checkpoint after this step, then exiting",
-              flush=True)
-
-    def _should_stop(self) -> bool:
-        flag = float(self._stop_requested)
-        if self.info.mesh is not None:
-            t = torch.tensor([flag], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(t)  # every rank (a tp rank may have been signalled alone)
-            flag = float(t.item())
-        return flag > 0
-
-    def train(self) -> str:
-        """Runs until `--train-iters`, `--exit-interval` or the exit signal; returns "done", "exit-interval" or
-        "signal". Raises TooManySkippedSteps."""
+    # -------------------------------------------------------------------------------- training loop hooks
+    def _start_message(self) -> str:
         c = self.config
-        exit_signal = getattr(signal, c.exit_signal)
-        previous = signal.signal(exit_signal, self._on_signal) if c.exit_signal_handler else None
-        batches = iter(self._loader(self.train_samples, self.consumed_samples))
         trainable = sum(p.numel() for p in self.params)
-        self._log(f"metaquery: {self.decoder_info.kind} decoder ({self.decoder_info.loss_type} loss), "
-                  f"{self.num_queries} queries, {self.mq.connector_layers}-block connector, frozen "
-                  f"{self.llm.config.num_layers}-layer LLM ({self.llm_ref['kind']}); {trainable:,} trainable "
-                  f"parameters; global batch {self.global_batch_size} = {self.num_micro_batches} x "
-                  f"{c.micro_batch_size} x {self.info.dp_size} dp ranks (tp {c.tensor_model_parallel_size}); "
-                  f"iterations {self.iteration} -> {c.train_iters}")
-        reason, last_saved = "done", None
-        try:
-            while self.iteration < c.train_iters:
-                start = time.perf_counter()
-                micro = [next(batches).to(self.device) for _ in range(self.num_micro_batches)]
-                data_s = time.perf_counter() - start
-                result = self.train_step(micro)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                step_s = time.perf_counter() - start
-                self.iteration += 1
-                self.consumed_samples += self.global_batch_size
-                record = {"iteration": self.iteration, **result, "samples_per_sec": self.global_batch_size / step_s,
-                          "data_wait_s": data_s, "step_s": step_s, "skipped_total": self.skipped_total,
-                          "consumed_samples": self.consumed_samples}
-                if c.logging.eval_interval and self.iteration % c.logging.eval_interval == 0:
-                    record.update(self.evaluate())
-                self.metrics.step(record)
-                if self.iteration % c.logging.log_interval == 0 or result["skipped"] or self.iteration == 1:
-                    valid = f" | valid loss: {record['valid_loss']:.5f}" if "valid_loss" in record else ""
-                    self.metrics.log(f" iteration {self.iteration:8d}/{c.train_iters:8d} | elapsed time per iteration "
-                                     f"(ms): {1000 * step_s:.1f} | lr: {result['lr']:.3E} | denoising loss: "
-                                     f"{result['loss']:.5f} | grad norm: {result['grad_norm']:.3f} | samples/s: "
-                                     f"{record['samples_per_sec']:.2f} | skipped: {self.skipped_total}{valid}")
-                if self.consecutive_skipped > c.max_skipped_steps:
-                    raise TooManySkippedSteps(f"{self.consecutive_skipped} consecutive steps had a non-finite loss or "
-                                              f"gradient (--max-skipped-steps {c.max_skipped_steps})")
-                stop = self._should_stop()
-                exit_now = bool(c.exit_interval and self.iteration % c.exit_interval == 0)
-                periodic = bool(c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0)
-                if c.checkpoint.save and (stop or exit_now or periodic):
-                    self.save()
-                    last_saved = self.iteration
-                if stop:
-                    reason = "signal"
-                    break
-                if exit_now and self.iteration < c.train_iters:
-                    reason = "exit-interval"
-                    self._log(f"exiting at iteration {self.iteration} (--exit-interval {c.exit_interval})")
-                    break
-            if reason == "done" and c.checkpoint.save and last_saved != self.iteration:
-                self.save()
-        finally:
-            if c.exit_signal_handler:
-                signal.signal(exit_signal, previous)
-            self.metrics.close()
-        return reason
+        return (f"metaquery: {self.decoder_info.kind} decoder ({self.decoder_info.loss_type} loss), "
+                f"{self.num_queries} queries, {self.mq.connector_layers}-block connector, frozen "
+                f"{self.llm.config.num_layers}-layer LLM ({self.llm_ref['kind']}); {trainable:,} trainable "
+                f"parameters; global batch {self.global_batch_size} = {self.num_micro_batches} x "
+                f"{c.micro_batch_size} x {self.info.dp_size} dp ranks (tp {c.tensor_model_parallel_size}); "
+                f"iterations {self.iteration} -> {c.train_iters}")
+
+    def _step_figures(self, micro_batches: Sequence, step_s: float) -> dict[str, Any]:
+        return {"samples_per_sec": self.global_batch_size / step_s}
+
+    def _progress(self, record: dict[str, Any], step_s: float) -> None:
+        valid = f" | valid loss: {record['valid_loss']:.5f}" if "valid_loss" in record else ""
+        self.metrics.log(f" iteration {self.iteration:8d}/{self.config.train_iters:8d} | elapsed time per iteration "
+                         f"(ms): {1000 * step_s:.1f} | lr: {record['lr']:.3E} | denoising loss: "
+                         f"{record['loss']:.5f} | grad norm: {record['grad_norm']:.3f} | samples/s: "
+                         f"{record['samples_per_sec']:.2f} | skipped: {self.skipped_total}{valid}")
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ _EXPORTS = {
     "TrainingConfig": "config", "parse_training_config": "config",
     "Batch": "data", "BlendedSamples": "data", "SyntheticDataset": "data", "collate_packed": "data",
     "ParallelInfo": "parallel", "build_device_mesh": "parallel",
-    "TooManySkippedSteps": "trainer", "Trainer": "trainer",
+    "TooManySkippedSteps": "loop", "Trainer": "trainer",
 }
 
 __all__ = ["Batch", "BlendedSamples", "ParallelInfo", "SyntheticDataset", "TooManySkippedSteps", "Trainer",

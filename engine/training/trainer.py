@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,17 +32,14 @@ from engine.training.data import (
     open_shards,
     padded_vocab_size,
 )
+from engine.training.loop import TooManySkippedSteps, TrainingLoop
 from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
 from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer, clean_name
 from engine.training.parallel import ParallelInfo, all_reduce_sum, parallelize, unwrap
 from engine.training.vocab_padding import VOCAB_MATRICES, repad_rows
 
 
-class TooManySkippedSteps(RuntimeError):
-    """More consecutive non-finite steps than `--max-skipped-steps`."""
-
-
-class Trainer:
+class Trainer(TrainingLoop):
     """Builds data, model, optimizer and schedule from a validated config, resumes from `--load`, and trains.
 
     Args:
@@ -522,18 +517,6 @@ class Trainer:
             out["mfu_fp8_peak"] = per_device / fp8_peak if fp8_peak else None
         return out
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True
-        print(f"[rank {self.info.dp_rank}] received signal {signum}: saving a checkpoint after this step, then exiting",
-              flush=True)
-
-    def _should_stop(self) -> bool:
-        """All ranks agree (one of them may have been signalled alone)."""
-        flag = float(self._stop_requested)
-        if self.info.dp_size > 1:
-            flag = all_reduce_sum([flag], self.info)[0]
-        return flag > 0
-
     def state(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                 "skipped_total": self.skipped_total, "consecutive_skipped": self.consecutive_skipped,
@@ -549,70 +532,24 @@ class Trainer:
                                     tokenizer_dir=self.tokenizer_dir, keep_last=c.checkpoint.keep_last,
                                     log=self._log)
 
-    def train(self) -> str:
-        """Runs until `--train-iters`, `--exit-interval` or SIGTERM. Returns why it stopped: "done", "exit-interval"
-        or "signal". Raises TooManySkippedSteps."""
+    # -------------------------------------------------------------------------------- training loop hooks
+    def _start_message(self) -> str:
         c = self.config
-        exit_signal = getattr(signal, c.exit_signal)
-        previous = signal.signal(exit_signal, self._on_sigterm) if c.exit_signal_handler else None
-        loader = self._loader(self.train_samples, self.consumed_samples)
-        batches = iter(loader)
-        tokens_per_step = self.global_batch_size * self.model_config.seq_length
-        last_saved = None
-        reason = "done"
         padding = self._padding_parameters()
-        self._log(f"training {self.model_config.num_layers}-layer model, stage {c.stage}, "
-                  f"{sum(p.numel() for p in self.params) - padding:,} trainable parameters"
-                  + (f" (+{padding:,} in {self.model_config.vocab_padding} vocabulary padding rows, zero and masked)"
-                     if padding else "") + ", global batch "
-                  f"{self.global_batch_size} = {self.num_micro_batches} micro-batches x {c.micro_batch_size} x "
-                  f"{self.info.dp_size} ranks, from iteration {self.iteration} to {c.train_iters}")
-        try:
-            while self.iteration < c.train_iters:
-                start = time.perf_counter()
-                micro = [next(batches).to(self.device) for _ in range(self.num_micro_batches)]
-                data_s = time.perf_counter() - start
-                result = self.train_step(micro)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                step_s = time.perf_counter() - start
-                self.iteration += 1
-                self.consumed_samples += self.global_batch_size
-                tps = tokens_per_step / step_s
-                record = {"iteration": self.iteration, **result, "tokens_per_sec": tps,
-                          **self._mfu(micro, step_s),
-                          "memory_gib": memory_gib(self.device), "data_wait_s": data_s, "step_s": step_s,
-                          "skipped_total": self.skipped_total, "consumed_samples": self.consumed_samples}
-                if c.logging.eval_interval and self.iteration % c.logging.eval_interval == 0:
-                    record.update(self.evaluate())
-                self.metrics.step(record)
-                if self.iteration % c.logging.log_interval == 0 or result["skipped"] or self.iteration == 1:
-                    self.metrics.progress(record, c.train_iters, 1000 * step_s)
-                    if "valid_ppl" in record:
-                        self.metrics.log(f" validation at iteration {self.iteration}: text perplexity "
-                                         f"{record['valid_ppl']:.4f}, mean visual cosine "
-                                         f"{record['valid_visual_cosine']}")
-                if self.consecutive_skipped > c.max_skipped_steps:
-                    raise TooManySkippedSteps(
-                        f"{self.consecutive_skipped} consecutive steps had a non-finite loss or gradient "
-                        f"(--max-skipped-steps {c.max_skipped_steps}); last grad norm {result['grad_norm']}")
-                stop = self._should_stop()
-                exit_now = bool(c.exit_interval and self.iteration % c.exit_interval == 0)
-                periodic = bool(c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0)
-                if c.checkpoint.save and (stop or exit_now or periodic):
-                    self.save()
-                    last_saved = self.iteration
-                if stop:
-                    reason = "signal"
-                    break
-                if exit_now and self.iteration < c.train_iters:
-                    reason = "exit-interval"
-                    self._log(f"exiting at iteration {self.iteration} (--exit-interval {c.exit_interval})")
-                    break
-            if reason == "done" and c.checkpoint.save and last_saved != self.iteration:
-                self.save()
-        finally:
-            if c.exit_signal_handler:
-                signal.signal(exit_signal, previous)
-            self.metrics.close()
-        return reason
+        return (f"training {self.model_config.num_layers}-layer model, stage {c.stage}, "
+                f"{sum(p.numel() for p in self.params) - padding:,} trainable parameters"
+                + (f" (+{padding:,} in {self.model_config.vocab_padding} vocabulary padding rows, zero and masked)"
+                   if padding else "") + ", global batch "
+                f"{self.global_batch_size} = {self.num_micro_batches} micro-batches x {c.micro_batch_size} x "
+                f"{self.info.dp_size} ranks, from iteration {self.iteration} to {c.train_iters}")
+
+    def _step_figures(self, micro_batches: Sequence[Batch], step_s: float) -> dict[str, Any]:
+        tokens_per_step = self.global_batch_size * self.model_config.seq_length
+        return {"tokens_per_sec": tokens_per_step / step_s, **self._mfu(micro_batches, step_s),
+                "memory_gib": memory_gib(self.device)}
+
+    def _progress(self, record: dict[str, Any], step_s: float) -> None:
+        self.metrics.progress(record, self.config.train_iters, 1000 * step_s)
+        if "valid_ppl" in record:
+            self.metrics.log(f" validation at iteration {self.iteration}: text perplexity "
+                             f"{record['valid_ppl']:.4f}, mean visual cosine {record['valid_visual_cosine']}")
