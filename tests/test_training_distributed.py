@@ -121,9 +121,11 @@ def test_ddp_resume_after_sigkill_mid_checkpoint_is_bitwise(reference, tmp_path)
     assert (save / "latest").read_text().strip() == "iter_0000004"
 
 
-def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
+def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path, layout):
+    """The stop vote spans every rank: under TP2 (no data parallelism) the unsignalled rank stops too."""
     log, save = tmp_path / "log.jsonl", tmp_path / "ck"
-    args = [*TINY, "--train-iters", "1000", "--log-jsonl", str(log), "--save", str(save)]
+    args = [*TINY, *layout, "--train-iters", "1000", "--log-jsonl", str(log), "--save", str(save)]
     procs = launch(args, tmp_path)
     deadline = time.time() + 240
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
