@@ -148,17 +148,10 @@ def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype
     from engine.metaquery.model import FrozenLLM, MetaQueryHead
     from engine.tokenizer import load_saved_tokenizer
     from engine.training import checkpoint as ckpt
-    from engine.training.parallel import ParallelInfo
 
     device = torch.device(device)
     dtype = dtype or torch.float32
-    if not Path(load).exists():
-        raise FileNotFoundError(f"--load {load}: no such file or directory")
-    path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
-                               log=lambda message: print(message, file=sys.stderr))
-    if path is None:
-        raise FileNotFoundError(f"--load {load}: no training checkpoint there")
-    record = ckpt.read_record(path)
+    path, record = ckpt.open_for_reading(load)
     if record.get("recipe") != "metaquery":
         raise ValueError(f"--load {path} is not a MetaQuery checkpoint (VPiT checkpoints generate without "
                          "--recipe metaquery)")

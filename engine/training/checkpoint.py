@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -512,6 +513,21 @@ def _load_record(path: Path) -> tuple[dict | None, str | None]:
         return None, f"{record_path} cannot be read ({err.strerror})"
     problem = _record_problem(record, record_path)
     return (None, problem) if problem else (record, None)
+
+
+def open_for_reading(load: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint path, completion record) of the checkpoint a single process reads under `load` (export,
+    generation): the one `find_resumable` would resume from, sha256-verified. FileNotFoundError naming `load` when
+    there is nothing there."""
+    from engine.training.parallel import ParallelInfo
+
+    if not Path(load).exists():
+        raise FileNotFoundError(f"--load {load}: no such file or directory")
+    path = find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
+                          log=lambda message: print(message, file=sys.stderr))
+    if path is None:
+        raise FileNotFoundError(f"--load {load}: no training checkpoint there")
+    return path, read_record(path)
 
 
 def read_record(path: Path) -> dict[str, Any]:

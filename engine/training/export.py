@@ -29,17 +29,9 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
 
     from engine.model import VPiTModel
     from engine.training import checkpoint as ckpt
-    from engine.training.parallel import ParallelInfo
 
     dtype = dtype or torch.float32
-
-    if not Path(load).exists():
-        raise FileNotFoundError(f"--load {load}: no such file or directory")
-    path = ckpt.find_resumable(load, verify=True, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
-                               log=lambda message: print(message, file=sys.stderr))
-    if path is None:
-        raise FileNotFoundError(f"no training checkpoint in {load}")
-    record = ckpt.read_record(path)
+    path, record = ckpt.open_for_reading(load)
     try:
         config = ModelConfig.from_dict(record["model"])
     except (TypeError, ValueError) as err:
