@@ -215,6 +215,9 @@ def _trainer(args: list[str]):
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: FP8 GEMMs need a CUDA GPU"),
     (["--fp8-format", "e4m3", "--fp8-recipe", "delayed"], "--fp8-recipe delayed needs --fp8-backend te"),
     (["--use-distributed-optimizer", "--data-parallel-sharding", "fsdp"], "FSDP2"),
+    # Were tracebacks from the first step's kernel call (RuntimeError in chrysalis_kernels.runtime.check_tensors).
+    (["--fused-linear-cross-entropy"], "--fused-linear-cross-entropy: the Triton kernels run on CUDA"),
+    (["--fused-visual-head-loss"], "--fused-visual-head-loss: the Triton kernels run on CUDA"),
 ])
 def test_unavailable_fast_paths_fail_at_start(flags, message, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

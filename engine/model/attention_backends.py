@@ -107,6 +107,22 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}"
 
 
+def triton_kernels_unavailable_reason(device: torch.device) -> str | None:
+    """None when `chrysalis_kernels`' Triton kernels (fused losses, attention) can run on `device` in this process,
+    else why not. Triton fixes compiled vs interpreted when the kernels are imported (`TRITON_INTERPRET`), so the
+    check is made at start rather than at the first kernel call, several minutes into a job."""
+    device = torch.device(device)
+    if not _has("triton"):
+        return "triton is not installed (pip install triton)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    if device.type == "cuda" and interpret:
+        return "TRITON_INTERPRET is set (the CPU interpreter) but training runs on CUDA: unset it"
+    if device.type != "cuda" and not interpret:
+        return (f"the Triton kernels run on CUDA GPUs (or on CPU with TRITON_INTERPRET=1, slow); they cannot run on "
+                f"{device.type}: drop the flag")
+    return None
+
+
 def available_attention_backends(device: torch.device) -> dict[str, str | None]:
     """{backend: None if it can run on `device`, else why not}."""
     return {name: unavailable_reason(name, device) for name in ATTENTION_BACKENDS}

@@ -150,6 +150,13 @@ class Trainer(TrainingLoop):
         if backend != requested:
             self._log(f"--attention-backend {requested}: using {backend} on {self.device.type}")
         self.model_config = self.model_config.replace(attention_backend=backend)
+        from engine.model.attention_backends import triton_kernels_unavailable_reason
+
+        for flag, wanted in (("--fused-linear-cross-entropy", self.model_config.fused_linear_cross_entropy),
+                             ("--fused-visual-head-loss", self.model_config.fused_visual_head_loss)):
+            reason = triton_kernels_unavailable_reason(self.device) if wanted else None
+            if reason:  # at start, not as a traceback from the first step's kernel call
+                raise ValueError(f"{flag}: {reason}")
         self.fp8 = None
         if c.fp8_format:
             self.fp8 = Fp8Config(format=c.fp8_format, recipe=c.fp8_recipe, backend=c.fp8_backend,
