@@ -108,6 +108,20 @@ def test_megatron_aliases_set_our_flags():
         parse_training_config(["--mock-data", "--normalization", "LayerNorm"])
 
 
+def test_megatron_llama_model_args_carry_over():
+    """The model flags of Megatron-LM's own Llama-3.1-8B config (examples/post_training/modelopt/conf/meta-llama/
+    Llama-3.1-8B-Instruct.sh) were refused as unknown: --no-position-embedding, --rotary-percent 1.0,
+    --use-rope-scaling (Llama-3.1 RoPE scaling, factor 8 unless --rope-scaling-factor is given)."""
+    common = ["--mock-data", "--num-layers", "2", "--no-position-embedding", "--rotary-percent", "1.0",
+              "--attention-softmax-in-fp32", "--no-rope-fusion", "--use-rotary-position-embeddings"]
+    assert parse_training_config(common).model.rope_scaling is None
+    assert parse_training_config([*common, "--use-rope-scaling"]).model.rope_scaling.factor == 8.0
+    assert parse_training_config([*common, "--use-rope-scaling", "--rope-scaling-factor", "32"]
+                                 ).model.rope_scaling.factor == 32.0
+    with pytest.raises(ValueError, match="--rotary-percent 0.5: not supported"):
+        parse_training_config(["--mock-data", "--rotary-percent", "0.5"])
+
+
 def test_megatron_aliases_in_yaml(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("use-torch-fsdp2: true\nmock-data: true\n")

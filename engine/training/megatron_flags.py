@@ -33,6 +33,12 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
     "--recompute-activations": ("--recompute-granularity", "selective", "selective recomputation"),
     "--use-flash-attn": ("--attention-backend", "flash", "flash-attn kernels"),
 }
+# Megatron flag -> (our flag, value it sets when our flag is not given, note): `--use-rope-scaling` turns on
+# Llama-3.1 RoPE scaling with Megatron's default `--rope-scaling-factor 8`, or with the factor given.
+DEFAULTING_ALIASES: dict[str, tuple[str, Any, str]] = {
+    "--use-rope-scaling": ("--rope-scaling-factor", 8.0, "Llama-3.1 RoPE scaling (factor 8 unless "
+                                                         "--rope-scaling-factor is given)"),
+}
 
 # Megatron values of our flags -> our values (applied to the command line before parsing).
 VALUE_ALIASES: dict[str, dict[str, str]] = {
@@ -72,6 +78,9 @@ ACCEPTED: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "--no-bias-swiglu-fusion": (None, "there are no biases"),
     "--no-bias-dropout-fusion": (None, "there is no bias or dropout"),
     "--no-rope-fusion": (None, "RoPE is applied by torch ops"),
+    "--no-position-embedding": (None, "there is no learned absolute position embedding: positions are RoPE"),
+    "--rotary-percent": (("1.0", "1"), "RoPE rotates the whole head dimension"),
+    "--attention-softmax-in-fp32": (None, "the attention kernels keep the softmax in fp32"),
     "--no-gradient-accumulation-fusion": (None, "gradients accumulate in torch"),
     "--no-persist-layer-norm": (None, "normalisation is torch's RMSNorm"),
     "--no-async-tensor-model-parallel-allreduce": (None, "DTensor schedules TP communication"),
@@ -181,7 +190,7 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
         "--tokenizer-type SentencePieceTokenizer/Llama2Tokenizer/GPTSentencePieceTokenizer = sentencepiece, "
         "TikTokenizer = tiktoken, HuggingFaceTokenizer = huggingface. Megatron flags we do not support are refused "
         "with our nearest equivalent (docs/training.md has the table).")
-    for flag, (target, value, note) in ALIASES.items():
+    for flag, (target, value, note) in {**ALIASES, **DEFAULTING_ALIASES}.items():
         if flag in known:
             continue
         if target not in known:  # an alias of a flag that does not exist (yet) is not offered
@@ -269,6 +278,10 @@ def apply_megatron_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
         if current is not None and current != value:
             raise ValueError(f"{flag} means {target} {value}, but {target} {current} was also given")
         setattr(args, dest, value)
+    for flag, (target, value, _) in DEFAULTING_ALIASES.items():
+        if getattr(args, _alias_dest(flag), None) and target in dest_of \
+                and getattr(args, dest_of[target], None) is None:
+            setattr(args, dest_of[target], value)
     for flag, (values, note) in ACCEPTED.items():
         given = getattr(args, _accepted_dest(flag), None)
         if given is None:
