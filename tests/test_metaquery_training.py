@@ -324,3 +324,30 @@ def test_errors_name_the_flag_or_file(world, sample_shards, tmp_path, capsys):
     vpit = _train_args(world, tmp_path / "w", "--train-iters", "1", "--load", str(world["llm"]))
     assert pretrain_gpt_vision.main(vpit) == 1
     assert "give a frozen LLM as --llm" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(world, tmp_path, capsys):
+    """A MetaQuery checkpoint given to VPiT generation or as --llm, an LLM given to --recipe metaquery generation,
+    a missing --llm: one line naming the flag and what to do (it was "invalid model config (unknown model config
+    field(s): connector, ...)" and "--load PATH: no such file" for a missing --llm)."""
+    import pretrain_gpt_vision
+    from engine import generate
+
+    save = tmp_path / "mq"
+    assert pretrain_gpt_vision.main(_train_args(world, save, "--train-iters", "1")) == 0
+    capsys.readouterr()
+    assert generate.main(["--load", str(save), "--prompt", "a cat", "--output", str(tmp_path / "g1")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a MetaQuery checkpoint" in err[0] and "--recipe metaquery" in err[0], err
+    args = _train_args(world, tmp_path / "x", "--train-iters", "1")
+    args[args.index("--llm") + 1] = str(save)
+    assert pretrain_gpt_vision.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--llm {save} is a MetaQuery checkpoint" in err[0], err
+    args[args.index("--llm") + 1] = str(tmp_path / "nowhere")
+    assert pretrain_gpt_vision.main(args) == 1
+    assert f"--llm {tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
+    assert generate.main(["--recipe", "metaquery", "--load", str(world["llm"]), "--prompt", "a cat",
+                          "--output", str(tmp_path / "g2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a MetaQuery checkpoint but a model-only LLM checkpoint" in err[0], err

@@ -83,17 +83,34 @@ def _template_from_builds(builds: list[str] | None) -> str | None:
     return None
 
 
+def _metaquery_record(path: Path) -> dict[str, Any] | None:
+    """The completion record of the training checkpoint under `path` when it is a MetaQuery one, else None.
+
+    Cheap (no checksums): only to name the right command before the VPiT loader fails on the record's fields."""
+    from engine.training import checkpoint as ckpt
+    from engine.training.parallel import ParallelInfo
+
+    try:
+        found = ckpt.find_resumable(path, verify=False, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
+                                    log=lambda message: None)
+        record = ckpt.read_record(found) if found is not None else None
+    except (ValueError, OSError):  # unusable: the loader below names the problem
+        return None
+    return record if isinstance(record, dict) and record.get("recipe") == "metaquery" else None
+
+
 def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | str = "cpu",
                                    dtype: torch.dtype = torch.float32,
-                                   tokenizer_dir: str | Path | None = None) -> LoadedCheckpoint:
+                                   tokenizer_dir: str | Path | None = None, flag: str = "--load") -> LoadedCheckpoint:
     """Loads either kind of checkpoint (see the module docstring) in eval mode.
 
     Args:
         tokenizer_dir: a saved tokenizer to use instead of the checkpoint's copy (needed when it has none).
+        flag: the command-line flag `load` came from, for error messages (`--llm` in the MetaQuery recipe).
     """
     path = Path(load)
     if not path.exists():
-        raise FileNotFoundError(f"--load {load}: no such file or directory")
+        raise FileNotFoundError(f"{flag} {load}: no such file or directory")
     tokenizer = load_saved_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if _is_model_checkpoint(path):
         from engine.checkpoint_io import load_model_checkpoint
@@ -106,7 +123,15 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
     else:
         from engine.training.export import load_for_generation
 
-        model, saved_tokenizer, record = load_for_generation(path, device=device, dtype=dtype)
+        if _metaquery_record(path) is not None:
+            use = ("render it with `python -m engine.generate --recipe metaquery --load ...`" if flag == "--load"
+                   else f"{flag} takes an LLM: a VPiT training --save directory or a model-only checkpoint")
+            raise ValueError(f"{flag} {load} is a MetaQuery checkpoint (learnable queries and a connector on a "
+                             f"frozen LLM, not an LLM itself): {use}")
+        try:
+            model, saved_tokenizer, record = load_for_generation(path, device=device, dtype=dtype)
+        except FileNotFoundError as err:  # the training loader names --load
+            raise FileNotFoundError(str(err).replace("--load ", f"{flag} ", 1)) from None
         data = record.get("data") if isinstance(record.get("data"), dict) else {}
         expected = data.get("tokenizer_fingerprint") or (saved_tokenizer.fingerprint() if saved_tokenizer else None)
         tokenizer = tokenizer or saved_tokenizer
@@ -115,7 +140,7 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
     if tokenizer_dir is not None:
         check_tokenizer_fingerprint(tokenizer, expected, str(tokenizer_dir), load)
     if tokenizer is None:
-        raise FileNotFoundError(f"--load {load} holds no tokenizer copy (trained on mock data?); "
+        raise FileNotFoundError(f"{flag} {load} holds no tokenizer copy (trained on mock data?); "
                                 "pass --tokenizer DIR (a directory written by ChrysalisTokenizer.save)")
     if tokenizer.image_end_id >= model.config.vocab_size:
         raise ValueError(f"the tokenizer's <image_end> id {tokenizer.image_end_id} does not fit the model's "

@@ -151,6 +151,11 @@ def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype
 
     device = torch.device(device)
     dtype = dtype or torch.float32
+    from engine.generation.loading import _is_model_checkpoint
+
+    if Path(load).is_dir() and _is_model_checkpoint(Path(load)):
+        raise ValueError(f"--load {load} is not a MetaQuery checkpoint but a model-only LLM checkpoint (generate "
+                         "with it without --recipe metaquery, or train MetaQuery on it with --llm)")
     path, record = ckpt.open_for_reading(load)
     if record.get("recipe") != "metaquery":
         raise ValueError(f"--load {path} is not a MetaQuery checkpoint (VPiT checkpoints generate without "

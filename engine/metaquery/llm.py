@@ -51,7 +51,7 @@ def load_llm(*, llm: str | None, load_hf: str | None, model_config, seed: int, v
     if llm:
         from engine.generation.loading import load_checkpoint_for_generation
 
-        loaded = load_checkpoint_for_generation(llm, dtype=torch.float32)
+        loaded = load_checkpoint_for_generation(llm, dtype=torch.float32, flag="--llm")
         found = loaded.tokenizer.fingerprint()
         if build_tokenizer_fingerprint and found != build_tokenizer_fingerprint:
             raise ValueError(f"--llm {llm}: its tokenizer (fingerprint {found[:16]}) is not the one the --data-path "
@@ -114,7 +114,8 @@ def reload_llm(reference: dict[str, Any], override: str | None = None, log=print
     else:
         from engine.generation.loading import load_checkpoint_for_generation
 
-        loaded = load_checkpoint_for_generation(path, dtype=torch.float32)
+        loaded = load_checkpoint_for_generation(path, dtype=torch.float32,
+                                                flag="--llm" if override else "the recorded LLM")
         model, found = loaded.model, chrysalis_fingerprint(Path(loaded.path))
     if found != reference.get("fingerprint"):
         message = (f"the LLM at {path} (fingerprint {found[:12]}) is not the one this checkpoint was trained with "
