@@ -122,6 +122,15 @@ def test_megatron_llama_model_args_carry_over():
         parse_training_config(["--mock-data", "--rotary-percent", "0.5"])
 
 
+def test_full_recompute_without_a_layer_count_is_refused():
+    """`--recompute-granularity full` alone recomputed nothing (the layer count defaults to 0), silently."""
+    with pytest.raises(ValueError, match="--recompute-granularity full needs --recompute-num-layers"):
+        parse_training_config(["--mock-data", "--recompute-granularity", "full"])
+    config = parse_training_config(["--mock-data", "--recompute-granularity", "full", "--recompute-num-layers", "-1"])
+    assert (config.recompute_granularity, config.recompute_num_layers) == ("full", -1)
+    assert parse_training_config(["--mock-data", "--recompute-num-layers", "2"]).recompute_granularity == "full"
+
+
 def test_megatron_aliases_in_yaml(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("use-torch-fsdp2: true\nmock-data: true\n")

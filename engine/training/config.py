@@ -459,6 +459,10 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
         value = getattr(args, _dest(section, name))
         if value is not None:
             sections[section][name] = value
+    if sections[""].get("recompute_granularity") == "full" and not sections[""].get("recompute_num_layers"):
+        # Megatron-core refuses full recompute without a layer count too; here it silently recomputed nothing.
+        raise ValueError("--recompute-granularity full needs --recompute-num-layers N (the first N blocks; -1 = "
+                         "every block)")
     if not args.model_preset and args.num_layers is None:
         args.model_preset = "tiny" if sections["data"].get("mock_data") else None
     model = model_config_from_args(args).replace(**sections.pop("model"))
