@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default=None,
                    help="default: the training data's, else llama3 when the tokenizer has its tokens, else plain")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="saved tokenizer, if the checkpoint has none")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="saved tokenizer directory (a preprocess build's tokenizer/), if the checkpoint has none")
     p.add_argument("--vision-encoder", default=None, metavar="SPEC",
                    help="override the checkpoint's encoder reference (local SigLIP dir, tiny-random, so400m-random)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")

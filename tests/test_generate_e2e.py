@@ -193,6 +193,12 @@ def test_cli_input_errors(checkpoint, tmp_path, capsys):
     assert "2 <image> tag(s) but 1 image(s)" in capsys.readouterr().err
     assert generate.main(["--load", str(tmp_path / "missing"), "--prompt", "x", "--output", str(tmp_path / "o")]) == 1
     assert "no such file" in capsys.readouterr().err
+    # --tokenizer is a saved tokenizer directory; a tokenizer.model file is refused saying so (it said
+    # "tokenizer.model/tokenizer_config.json is missing")
+    model_file = REPO / "examples/data/tokenizer/tokenizer.model"
+    assert generate.main(["--load", str(ckpt), "--prompt", "x", "--tokenizer", str(model_file),
+                          "--output", str(tmp_path / "o")]) == 1
+    assert f"--tokenizer {model_file} is a file; --tokenizer takes a saved tokenizer directory" in capsys.readouterr().err
 
 
 def test_cli_from_a_training_checkpoint(tmp_path):

@@ -111,6 +111,9 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
     path = Path(load)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {load}: no such file or directory")
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_file():
+        raise ValueError(f"--tokenizer {tokenizer_dir} is a file; --tokenizer takes a saved tokenizer directory: the "
+                         "tokenizer/ folder of the preprocess build the model was trained on (or of a checkpoint)")
     tokenizer = load_saved_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if _is_model_checkpoint(path):
         from engine.checkpoint_io import load_model_checkpoint
