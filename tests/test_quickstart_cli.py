@@ -15,6 +15,8 @@ from distributed_launch import REPO
 PROGRAMS = [
     (["pretrain_gpt_vision.py"], "torchrun --nproc-per-node N pretrain_gpt_vision.py"),
     (["-m", "engine.generate"], "python -m engine.generate"),
+    (["-m", "engine.generate", "--recipe", "metaquery"], "python -m engine.generate --recipe metaquery"),
+    (["pretrain_gpt_vision.py", "--recipe", "metaquery"], "torchrun --nproc-per-node N pretrain_gpt_vision.py"),
     (["-m", "engine.plot"], "python -m engine.plot"),
     (["-m", "engine.visualizer.train"], "python -m engine.visualizer.train"),
     (["-m", "engine.visualizer.render"], "python -m engine.visualizer.render"),
@@ -59,6 +61,7 @@ def test_help_answers_before_heavy_imports(command, usage):
 DEFAULTS_SHOWN = [
     (["pretrain_gpt_vision.py"], "(default: 1234)"),
     (["-m", "engine.generate"], "(default: 256)"),
+    (["-m", "engine.generate", "--recipe", "metaquery"], "prompts rendered together (default: 8)"),
     (["-m", "engine.plot"], "(default: 1, no smoothing)"),
     (["-m", "engine.convert", "hf-to-chrysalis"], "(default: 128)"),
     (["-m", "engine.visualizer.train"], "(default: 0.8, the reference's)"),

@@ -194,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="a source image for --prompt")
     p.add_argument("--system", default=None, help="system message for --prompt")
     p.add_argument("--output", required=True, metavar="OUT")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance (the reference's eval: 3.0)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance (default: 3.0, the reference's eval)")
     p.add_argument("--image-guidance-scale", type=float, default=1.5,
-                   help="source-image guidance for prompts with images (the reference's: 1.5; <= 1 turns it off)")
-    p.add_argument("--steps", type=int, default=30, help="DPM-Solver++ steps (the reference's: 30)")
+                   help="source-image guidance for prompts with images (default: 1.5, the reference's; <= 1 turns it off)")
+    p.add_argument("--steps", type=int, default=30, help="DPM-Solver++ steps (default: 30, the reference's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts rendered together")
     p.add_argument("--llm", default=None, metavar="PATH", help="the frozen LLM's location, if it moved")
@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-encoder", default=None, metavar="SPEC", help="SigLIP for --image (default: the data's)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    return p
+    from engine.cli_help import show_defaults
+
+    return show_defaults(p)
 
 
 def run(args: argparse.Namespace) -> int:
