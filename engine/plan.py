@@ -65,6 +65,11 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
         calibration = replace(calibration, efficiency=args.efficiency, source="--efficiency")
     if args.gpus < 1 or args.global_batch_size < 1:
         raise ValueError("--gpus and --global-batch-size must be positive")
+    if args.gpus > gpu.gpus_per_node and args.gpus % gpu.gpus_per_node:
+        # torchrun (and examples/slurm/train.sbatch) start the same number of ranks on every node
+        raise ValueError(f"--gpus {args.gpus} spans several nodes of {gpu.gpus_per_node} GPUs but is not a multiple "
+                         f"of {gpu.gpus_per_node}: every node runs the same number of ranks; use a multiple, or "
+                         "--gpus-per-node for nodes of another size")
     support = TrainerSupport.current()
     budget = gpu.memory_gib * GiB * (1 - args.memory_margin)
     rows = []
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  torchrun --nnodes {nodes} --nproc-per-node {per_node} pretrain_gpt_vision.py " + " ".join(flags)
           + " --data-path ... --train-iters ...")
     if nodes > 1:
-        print(f"  sbatch --nodes {nodes} examples/slurm/train.sbatch " + " ".join(flags) + " --data-path ...")
+        print(f"  sbatch --nodes {nodes} examples/slurm/train.sbatch " + " ".join(flags)
+              + " --data-path ... --train-iters ...")
     return 0
 
 

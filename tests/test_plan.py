@@ -219,6 +219,13 @@ def test_unknown_gpu_and_impossible_plans_fail_clearly(capsys):
     assert plan_main(["--model-preset", "llama3.1-8b", "--gpus", "1", "--gpu", "a100-40gb", "--seq-length", "4096",
                       "--global-batch-size", "4"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+    # 12 GPUs on nodes of 8: torchrun runs the same number of ranks per node, so no launch line can be right (it
+    # printed "torchrun --nnodes 1 --nproc-per-node 8" for 12 GPUs); 12 on nodes of 6 is 2 x 6
+    assert plan_main(["--model-preset", "tiny", "--gpus", "12", "--gpu", "h100-80gb", "--global-batch-size", "12"]) == 1
+    assert "not a multiple of 8" in capsys.readouterr().err
+    assert plan_main(["--model-preset", "tiny", "--gpus", "12", "--gpus-per-node", "6", "--gpu", "h100-80gb",
+                      "--global-batch-size", "12", "--top", "1"]) == 0
+    assert "torchrun --nnodes 2 --nproc-per-node 6 " in capsys.readouterr().out
 
 
 def test_enumeration_respects_the_trainer():
