@@ -159,7 +159,8 @@ def load_model_checkpoint(directory: str | Path, device: torch.device | str = "c
     try:
         model_config = ModelConfig.from_dict(config["model"])
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{directory / 'config.json'}: invalid model config ({err})") from None
+        raise CheckpointError(f"{directory / 'config.json'}: invalid model config ({' '.join(str(err).split())})"
+                              ) from None
     state = load_tensors(weights)
     with torch.device("meta"):
         model = VPiTModel(model_config)

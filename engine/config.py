@@ -104,6 +104,10 @@ class ModelConfig:
     def validate(self) -> None:
         """Raises ValueError naming the flag to change."""
         problems = []
+        for name in ("num_attention_heads", "num_query_groups"):  # divisors below: a 0 must not divide
+            if getattr(self, name) <= 0:
+                raise ValueError(f"invalid model config:\n  --{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             problems.append(
                 f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads {self.num_attention_heads}"

@@ -7,6 +7,7 @@ engine.generate --load` and `python -m engine.training.export --load`. Resuming 
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -106,6 +107,72 @@ def test_unlisted_tensor_file_is_refused(saved, tmp_path, capsys):
     assert export.main(["--load", str(save), "--output", str(tmp_path / "model")]) == 1
     err = capsys.readouterr().err
     assert "shard-00009-model-00001-of-00001.safetensors is not listed in chrysalis_train.json: refused" in err
+
+
+@pytest.mark.parametrize("case", ["listed-file", "unlisted-file", "directory", "fifo"])
+def test_symlinks_and_special_files_in_a_checkpoint_are_refused(saved, tmp_path, capsys, case):
+    """A re-signed checkpoint whose tensor file is a symlink to a file outside it, an unlisted symlink (rglob does
+    not descend into a linked directory, so the unlisted-file check missed it) or a FIFO (a reader would block on
+    it forever): refused before anything is read."""
+    save = copy(saved, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for path in save.glob("iter_*"):
+        (shard,) = path.glob("*.safetensors")
+        if case == "listed-file":
+            shard.rename(outside / f"{path.name}.safetensors")
+            (path / shard.name).symlink_to(outside / f"{path.name}.safetensors")
+            resign(path)
+        elif case == "unlisted-file":
+            (path / "extra.safetensors").symlink_to(shard)
+        elif case == "directory":
+            (path / "more").symlink_to(outside, target_is_directory=True)
+        else:
+            os.mkfifo(path / "z.safetensors")
+    assert export.main(["--load", str(save), "--output", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    kind = "not a regular file or directory" if case == "fifo" else "a symbolic link"
+    assert err[-1].startswith("error: no usable checkpoint") and f"is {kind}: refused" in err[-1], err
+
+
+@pytest.mark.parametrize("case", ["deep-record", "trainer-empty", "trainer-types", "lr-text", "betas-object"])
+def test_hand_edited_json_gives_one_line_naming_the_file(saved, tmp_path, capsys, case):
+    """Re-signed JSON that parses but is not what we wrote: nesting json refuses with RecursionError, a trainer
+    state without its fields, optimizer items of the wrong kind. One line naming the file, no traceback."""
+    save = copy(saved, tmp_path)
+    for path in save.glob("iter_*"):
+        state = json.loads((path / ckpt.STATE).read_text())
+        if case == "deep-record":
+            (path / ckpt.RECORD).write_text("[" * 100_000 + "]" * 100_000)
+            continue
+        if case == "trainer-empty":
+            state["trainer"] = {}
+        elif case == "trainer-types":
+            state["trainer"] = {k: "x" for k in state["trainer"]}
+        else:
+            suffix, value = (".lr", "abc") if case == "lr-text" else (".betas", {"a": 1})
+            state["optimizer_items"].update({k: value for k in state["optimizer_items"] if k.endswith(suffix)})
+        (path / ckpt.STATE).write_text(json.dumps(state))
+        resign(path)
+    code, err, _ = pretrain_error(save, capsys)
+    want = {"deep-record": "chrysalis_train.json is not usable JSON (nested too deeply)",
+            "trainer-empty": "state.json: trainer.iteration is missing",
+            "trainer-types": "state.json: trainer.iteration is 'x', not a non-negative integer",
+            "lr-text": ".lr is 'abc', not like this run's",
+            "betas-object": ".betas is {'a': 1}, not like this run's"}[case]
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+
+
+def test_zero_heads_in_a_recorded_config_is_one_line(saved, tmp_path, capsys):
+    """ModelConfig validation divided by num_attention_heads before checking it: ZeroDivisionError traceback."""
+    save = copy(saved, tmp_path)
+    for path in save.glob("iter_*"):
+        record = json.loads((path / ckpt.RECORD).read_text())
+        record["model"]["num_attention_heads"] = 0
+        (path / ckpt.RECORD).write_text(json.dumps(record))
+    assert export.main(["--load", str(save), "--output", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--num-attention-heads must be positive, got 0" in err[-1], err
 
 
 def test_checkpoints_hold_only_safetensors_and_json(saved):

@@ -300,13 +300,27 @@ def _jsonable(value: Any, key: str) -> Any:
 
 def _restore_like(value: Any, template: Any) -> Any:
     """A JSON value with the Python type of the optimizer's current value (tuples, non-finite floats)."""
-    if isinstance(template, tuple) and isinstance(value, list):
+    if isinstance(template, tuple) and isinstance(value, list) and len(value) == len(template):
         return tuple(_restore_like(v, t) for v, t in zip(value, template))
-    if isinstance(template, float) and isinstance(value, str):
+    if isinstance(template, float) and isinstance(value, str) and value in ("nan", "inf", "-inf"):
         return float(value)
     if isinstance(template, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _same_kind(value: Any, template: Any) -> bool:
+    """Whether a restored optimizer item has the shape and type of this run's (numbers count as one kind)."""
+    if isinstance(template, (tuple, list)):
+        return (type(value) is type(template) and len(value) == len(template)
+                and all(map(_same_kind, value, template)))
+    if template is None:
+        return True
+    if isinstance(template, (bool, str)):
+        return type(value) is type(template)
+    if isinstance(template, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -315,7 +329,7 @@ def _owner(path: Path) -> str | None:
     for name in (OWNER, RECORD):
         try:
             data = json.loads((path / name).read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or not JSON (or nested too deeply)
             continue
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
             return data["run_id"]
@@ -509,6 +523,8 @@ def _load_record(path: Path) -> tuple[dict | None, str | None]:
         return None, f"{record_path} is not valid UTF-8 (byte {err.start})"
     except json.JSONDecodeError as err:
         return None, f"{record_path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, an integer of 5,000 digits
+        return None, f"{record_path} is not usable JSON ({_json_refusal(err)})"
     except OSError as err:
         return None, f"{record_path} cannot be read ({err.strerror})"
     problem = _record_problem(record, record_path)
@@ -544,10 +560,16 @@ def check_checkpoint(path: Path, verify: bool, info: ParallelInfo | None = None)
     record, reason = _load_record(path)
     files = sorted(record["files"].items()) if record else []
     if reason is None:
+        # Only regular files and directories: a symlink could lead the readers outside the checkpoint (rglob does
+        # not even descend into a linked directory), a FIFO would block them forever.
+        odd = next((p for p in sorted(path.rglob("*")) if p.is_symlink() or not (p.is_file() or p.is_dir())), None)
         present = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != RECORD)
         pickled = [f for f in present if f.endswith(PICKLED_SUFFIXES)]
         unlisted = sorted(set(present) - set(record["files"]))
-        if pickled:
+        if odd is not None:
+            kind = "a symbolic link" if odd.is_symlink() else "not a regular file or directory"
+            reason = f"{odd} is {kind}: refused (a checkpoint holds only its own regular files)"
+        elif pickled:
             reason = f"{path / pickled[0]} is a pickle-format file: refused (checkpoints are safetensors + JSON only)"
         elif unlisted:
             reason = f"{path / unlisted[0]} is not listed in {RECORD}: refused (added after the save?)"
@@ -682,7 +704,7 @@ def model_config_mismatches(saved: dict[str, Any], current, source: str) -> list
     try:
         saved_config = ModelConfig.from_dict({k: v for k, v in saved.items() if k in mine}).to_dict()
     except (TypeError, ValueError) as err:
-        return [*lines, f"{source}: the recorded model config is invalid ({err})"]
+        return [*lines, f"{source}: the recorded model config is invalid ({' '.join(str(err).split())})"]
     for name in ARCHITECTURE_FIELDS:
         if name == "vocab_size":  # the padding may differ (another TP size): vocabulary rows adapt on load
             saved_real, real = vocab_padding.real_vocab_of(saved_config), current.num_real_tokens
@@ -729,6 +751,17 @@ def _saved_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict) \
             or not isinstance(state.get("optimizer_items"), dict):
         raise CheckpointError(f"{path / STATE}: expected an object with 'trainer' and 'optimizer_items'")
+    trainer = state["trainer"]
+    for key in ("iteration", "consumed_samples", "skipped_total", "consecutive_skipped", "global_batch_size"):
+        value = trainer.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{path / STATE}: trainer.{key} is {value!r}, not a non-negative integer")
+    for key in ("iteration", "consumed_samples"):
+        if key not in trainer:
+            raise CheckpointError(f"{path / STATE}: trainer.{key} is missing")
+    schedule = trainer.get("schedule")
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("step_count"), int):
+        raise CheckpointError(f"{path / STATE}: trainer.schedule is not an object with an integer 'step_count'")
     return state
 
 
@@ -798,6 +831,10 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     vocab_padding.copy_back(vocab_rows, state["model"])
     vocab_padding.copy_back(optim_vocab_rows, state["optimizer"])
     items = {k: _restore_like(saved_items[k], v) for k, v in optim_other.items()}
+    for k, v in optim_other.items():  # a hand-edited state.json: one line naming the item, not a step that fails
+        if not _same_kind(items[k], v):
+            raise CheckpointError(f"{path / STATE}: optimizer item {k} is {saved_items[k]!r}, not like this run's "
+                                  f"{v!r}")
     set_model_and_optimizer_state(model, optimizer, state["model"], {**state["optimizer"], **items})
     rng_file = path / RNG_DIR / f"rank_{info.rank:05d}.json"
     if rng_file.is_file():
@@ -818,6 +855,13 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not usable JSON ({_json_refusal(err)})") from None
+
+
+def _json_refusal(err: Exception) -> str:
+    """What json refused in syntactically valid text, in a few words."""
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:

@@ -35,7 +35,8 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
     try:
         config = ModelConfig.from_dict(record["model"])
     except (TypeError, ValueError) as err:
-        raise ckpt.CheckpointError(f"{path / ckpt.RECORD}: invalid model config ({err})") from None
+        raise ckpt.CheckpointError(f"{path / ckpt.RECORD}: invalid model config ({' '.join(str(err).split())})"
+                                   ) from None
     with torch.device("meta"):
         model = VPiTModel(config)
     model.to_empty(device="cpu")
