@@ -319,6 +319,30 @@ def test_utf8_bom_at_the_start_of_an_input(data, tmp_path):
         assert manifest["skipped"] == {} and manifest["counts"]["samples_written"] == 2, path
 
 
+def test_json_the_decoder_refuses_is_a_counted_reject(data, tmp_path):
+    """Valid JSON that json.loads refuses with RecursionError (deep nesting) or ValueError (an integer of 5,000
+    digits), and a role that is a list (unhashable: TypeError), killed the whole build with a traceback."""
+    deep = '{"id": "deep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge = '{"id": "int", "n": ' + "7" * 5000 + "}"
+    role = json.dumps({"id": "role", "conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]})
+    jsonl = factory.write_jsonl(tmp_path / "odd.jsonl", [TEXT, deep, huge, role, TEXT])
+    out = tmp_path / "out"
+    assert factory.run_cli(_args(data, out, inputs=jsonl)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"malformed_json": 2, "unknown_role": 1}
+    assert manifest["counts"]["samples_written"] == 2
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["message"]) for r in rejects][:2] == [
+        (2, "unreadable JSON: nested too deeply"),
+        (3, "unreadable JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits")]
+    # In a JSON array the element cannot be skipped: it ends the file like a syntax error, named by line.
+    array = factory.write_json_array(tmp_path / "odd.json", [TEXT])
+    array.write_text(array.read_text().rstrip()[:-1] + ", " + deep + "]")
+    out = tmp_path / "out-array"
+    assert factory.run_cli(_args(data, out, inputs=array)) == 0
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"malformed_json": 1}
+
+
 def test_empty_input_warns(data, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

@@ -110,6 +110,15 @@ def _decode_jsonl_line(raw: bytes, line: int) -> RawRecord:
         return RawRecord(line, value=json.loads(text))
     except json.JSONDecodeError as error:
         return RawRecord(line, error=RecordError("malformed_json", f"malformed JSON: {error.msg} at column {error.colno}"))
+    except (ValueError, RecursionError) as error:  # valid syntax the decoder refuses: nesting, a huge integer
+        return RawRecord(line, error=RecordError("malformed_json", f"unreadable JSON: {_unreadable(error)}"))
+
+
+def _unreadable(error: Exception) -> str:
+    """What json refused in a syntactically valid value (RecursionError, int digit limit), in one short line."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]
 
 
 def iter_jsonl(path: str | Path, start_byte: int = 0, start_line: int = 1, count: int | None = None
@@ -238,7 +247,10 @@ class _JsonArrayStream:
                 try:
                     value, end = self.json.raw_decode(self.buf, self.pos)
                     break
-                except json.JSONDecodeError as error:
+                except (RecursionError, ValueError) as error:
+                    if not isinstance(error, json.JSONDecodeError):  # not truncation: more bytes will not help
+                        raise RecordError("malformed_json", f"line {line}: unreadable JSON: {_unreadable(error)}"
+                                          ) from None
                     if self.eof or len(self.buf) - self.pos > self._MAX_ELEMENT or not self._fill(size):
                         error_line = line + self.buf.count("\n", self.pos, error.pos)
                         raise RecordError("malformed_json", f"line {error_line}: malformed JSON: {error.msg}") from None
@@ -370,7 +382,7 @@ def parse_record(value: object, line: int) -> Conversation:
             if key not in turn:
                 raise RecordError("missing_key", f"turn {index}: missing key '{key}'")
         role = turn["from"]
-        if role not in ROLE_MAP:
+        if not isinstance(role, str) or role not in ROLE_MAP:
             raise RecordError("unknown_role", f"turn {index}: unknown role {role!r} "
                               f"(expected one of {sorted(ROLE_MAP)})")
         text = turn["value"]
