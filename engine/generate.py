@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
         raise ValueError(f"--device {args.device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}); "
+                         "leave --device out or use --device cpu")
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
@@ -157,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be >= 1")
     inputs = _inputs(args)
     mesh, rank = _setup_tensor_parallel(args.tensor_model_parallel_size, device)
+    visualizer = _load_visualizer(args, device) if args.visualizer and rank == 0 else None  # its errors come first
 
     if rank == 0:
         print(f"loading {args.load} on {device} ...", flush=True)
@@ -196,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         for i, result in zip(chunk, generator.generate([prompts[i] for i in chunk], sampling)):
             results[i] = result
     if rank == 0:
-        write_outputs(Path(args.output), inputs, results, tokenizer, args)
+        write_outputs(Path(args.output), inputs, results, tokenizer, args, visualizer=visualizer)
         print_outputs(Path(args.output))
     return 0
 
@@ -215,8 +219,24 @@ def print_outputs(out: Path) -> None:
     print(f"visual tokens of {images} generated image(s): {out / 'visual_tokens.safetensors'}")
 
 
-def write_outputs(out: Path, inputs: list[PromptInput], results: list[GenerationResult], tokenizer, args) -> None:
-    """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/."""
+def _load_visualizer(args, device):
+    """The --visualizer, loaded and checked against --render-size before any decoding (a wrong directory or size
+    was reported only after generation had run)."""
+    from engine.visualizer import Visualizer
+
+    print(f"loading the visualizer {args.visualizer} ...", flush=True)
+    visualizer = Visualizer.load(args.visualizer, device=device)
+    factor = 2 ** (len(visualizer.vae.config.block_out_channels) - 1)
+    if args.render_size is not None and args.render_size % factor:
+        raise ValueError(f"--render-size {args.render_size} must be a multiple of the VAE's downsampling factor "
+                         f"{factor}")
+    return visualizer
+
+
+def write_outputs(out: Path, inputs: list[PromptInput], results: list[GenerationResult], tokenizer, args,
+                  visualizer=None) -> None:
+    """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/ (`visualizer`: the
+    loaded --visualizer, else it is loaded here)."""
     import torch
     from safetensors.torch import save_file
 
@@ -228,7 +248,7 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
         from engine.visualizer import Visualizer
 
         print(f"rendering {len(tensors)} picture(s) with {args.visualizer} ...", flush=True)
-        visualizer = Visualizer.load(args.visualizer, device=args.device)
+        visualizer = visualizer or Visualizer.load(args.visualizer, device=args.device)
         (out / "images").mkdir(exist_ok=True)
         keys = list(tensors)
         images = visualizer.render(torch.stack([tensors[k] for k in keys]), guidance_scale=args.guidance_scale,

@@ -183,7 +183,7 @@ def test_tp2_generation_equals_one_process(checkpoint, tmp_path):
 
 
 def test_cli_input_errors(checkpoint, tmp_path, capsys):
-    ckpt, _, _ = checkpoint
+    ckpt, viz, _ = checkpoint
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     assert generate.main(["--load", str(ckpt), "--batch-file", str(bad), "--output", str(tmp_path / "o")]) == 1
@@ -199,6 +199,17 @@ def test_cli_input_errors(checkpoint, tmp_path, capsys):
     assert generate.main(["--load", str(ckpt), "--prompt", "x", "--tokenizer", str(model_file),
                           "--output", str(tmp_path / "o")]) == 1
     assert f"--tokenizer {model_file} is a file; --tokenizer takes a saved tokenizer directory" in capsys.readouterr().err
+    # a wrong --visualizer or --render-size is reported before any decoding (it came after generation had run)
+    for extra, message in [(["--visualizer", str(tmp_path / "noviz")], "no such directory"),
+                           (["--visualizer", str(ckpt)], "is not a visualizer"),
+                           (["--visualizer", str(viz), "--render-size", "25"], "--render-size 25 must be a multiple")]:
+        assert generate.main(["--load", str(ckpt), "--prompt", "x", *extra, "--output", str(tmp_path / "o")]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and "generating" not in captured.out, (captured.out, captured.err)
+    if not torch.cuda.is_available():  # --device cuda on a CPU machine: one line, not an AssertionError traceback
+        assert generate.main(["--load", str(ckpt), "--prompt", "x", "--device", "cuda",
+                              "--output", str(tmp_path / "o")]) == 1
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
 
 
 def test_cli_from_a_training_checkpoint(tmp_path):

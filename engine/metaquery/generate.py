@@ -222,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.guidance_scale) and math.isfinite(args.image_guidance_scale)):
         raise ValueError("--guidance-scale and --image-guidance-scale must be finite")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}); "
+                         "leave --device out or use --device cpu")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
                                                                      else torch.float32)
     if args.batch_file:
