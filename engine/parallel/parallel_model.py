@@ -183,14 +183,15 @@ class ParallelVPiT:
     def global_normalizers(self, micro_batches: list[dict]) -> tuple[float, float]:
         """Text and visual target counts of the whole step, summed over data-parallel ranks (the data is known
         before any forward, so no pipeline stage has to wait for the last one)."""
-        counts = torch.zeros(2, dtype=torch.float64)
-        for mb in micro_batches:
-            counts[0] += (mb["labels"] != IGNORE_INDEX).sum().item()
-            mask = mb.get("visual_target_mask")
-            counts[1] += 0 if mask is None else mask.sum().item()
+        text = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        visual = sum(0 if mb.get("visual_target_mask") is None else int(mb["visual_target_mask"].sum())
+                     for mb in micro_batches)
+        # Collective buffers live on the model's device: NCCL groups take CUDA tensors only.
+        counts = torch.tensor([text, visual], dtype=torch.float64, device=self.device)
         if self.dp_size > 1:
             dist.all_reduce(counts, group=self.dp_group)
-        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+        text, visual = counts.tolist()
+        return max(text, 1.0), max(visual, 1.0)
 
     def forward_backward(self, micro_batches: list[dict]) -> dict[str, float]:
         """Forward and backward over this step's micro-batches (this DP rank's share).
@@ -202,7 +203,8 @@ class ParallelVPiT:
         if self.parallel.data_parallel_sharding == "fsdp" and self.dp_size > 1:
             # FSDP averages gradients over dp; scale so that the average is the sum we want.
             lm_norm, vis_norm = lm_norm / self.dp_size, vis_norm / self.dp_size
-        sums = torch.zeros(4, dtype=torch.float64)  # lm_sum, lm_tokens, visual_sum, visual_targets
+        # lm_sum, lm_tokens, visual_sum, visual_targets; on the model's device (NCCL reduces CUDA tensors only)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         if self.pp_size == 1:
             (model,) = self.parts
             for mb in micro_batches:
@@ -211,16 +213,17 @@ class ParallelVPiT:
                 loss = parts.lm_loss_sum / lm_norm + self.config.visual_loss_coef * parts.visual_loss_sum / vis_norm
                 loss.backward()
                 sums += torch.stack([parts.lm_loss_sum.detach(), parts.lm_tokens.float(),
-                                     parts.visual_loss_sum.detach(), parts.visual_targets.float()]).double().cpu()
+                                     parts.visual_loss_sum.detach(), parts.visual_targets.float()]).double()
         else:
             sums += self._pipeline_forward_backward(micro_batches, lm_norm, vis_norm)
             dist.all_reduce(sums, group=self.pp_group)  # only the last stage contributed
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.dp_group)
-        lm_loss = sums[0].item() / max(sums[1].item(), 1.0)
-        visual_loss = sums[2].item() / max(sums[3].item(), 1.0)
+        lm_sum, lm_tokens, visual_sum, visual_targets = sums.tolist()
+        lm_loss = lm_sum / max(lm_tokens, 1.0)
+        visual_loss = visual_sum / max(visual_targets, 1.0)
         return {"loss": lm_loss + self.config.visual_loss_coef * visual_loss, "lm_loss": lm_loss,
-                "visual_loss": visual_loss, "lm_tokens": int(sums[1].item()), "visual_targets": int(sums[3].item())}
+                "visual_loss": visual_loss, "lm_tokens": int(lm_tokens), "visual_targets": int(visual_targets)}
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -260,10 +263,10 @@ class ParallelVPiT:
             schedule.step(*args, target=target, return_outputs=False, **kwargs)
         else:
             schedule.eval(*args, target=target, return_outputs=False, **kwargs)
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         if self.has_last_stage:
             last = self.parts[self.stage_ids.index(self.num_stages - 1)]
-            sums += torch.stack(last.loss_parts).sum(0).double().cpu()
+            sums += torch.stack(last.loss_parts).sum(0).double()
         return sums
 
     @property
@@ -296,21 +299,22 @@ class ParallelVPiT:
     def evaluate(self, micro_batches: list[dict]) -> dict[str, float]:
         """Forward only: summed text CE / visual (1 - cos) and their counts over this step's micro-batches, summed
         over pipeline stages and data-parallel ranks (identical on every rank)."""
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NCCL reduces CUDA tensors only
         if self.pp_size == 1:
             (model,) = self.parts
             for mb in micro_batches:
                 with self._autocast():
                     parts = model(**{k: self._to_device(mb.get(k)) for k in BATCH_KEYS if mb.get(k) is not None})
                 sums += torch.stack([parts.lm_loss_sum, parts.lm_tokens.float(), parts.visual_loss_sum,
-                                     parts.visual_targets.float()]).double().cpu()
+                                     parts.visual_targets.float()]).double()
         else:
             sums += self._run_pipeline(micro_batches, 1.0, 1.0, backward=False)
             dist.all_reduce(sums, group=self.pp_group)
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.dp_group)
-        return {"lm_loss_sum": sums[0].item(), "lm_tokens": int(sums[1].item()),
-                "visual_loss_sum": sums[2].item(), "visual_targets": int(sums[3].item())}
+        lm_sum, lm_tokens, visual_sum, visual_targets = sums.tolist()
+        return {"lm_loss_sum": lm_sum, "lm_tokens": int(lm_tokens), "visual_loss_sum": visual_sum,
+                "visual_targets": int(visual_targets)}
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Loads full (unsharded) tensors, e.g. an imported Hugging Face model, into the local shards."""
