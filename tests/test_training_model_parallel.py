@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,11 @@ def test_tied_embeddings_checkpoint_reshards_between_pp2_and_pp1(tmp_path):
         for a, b in zip(want, have):
             assert abs(a - b) <= 1e-5 * a, (name, want, have)
     assert "at iteration 3" in to_pp1.stdout and "at iteration 3" in to_tp2pp2.stdout
+    # The logged model size is the whole model's in every layout (it was the main rank's pipeline stages only,
+    # 82,080 instead of 146,752 at PP2; the tied copy on the last stage counts once).
+    sizes = {name: re.search(r"stage \d, ([\d,]+) trainable parameters( \(\+[\d,]+ in \d+ vocabulary padding)?",
+                             run.stdout).groups() for name, run in (("pp1", ref), ("pp2", pp2), ("tp2pp2", to_tp2pp2))}
+    assert len(set(sizes.values())) == 1, sizes
 
     # Export/generation loads the PP2 checkpoint into one tied model (the head is stored as the embedding).
     from engine.training.export import load_for_generation

@@ -282,16 +282,26 @@ class Trainer(TrainingLoop):
             self.grad_mask = lambda: [mask() for mask in masks]
         self.params = [p for p in pm.parameters() if p.requires_grad]
 
-    def _padding_parameters(self) -> int:
-        """Trainable elements in vocabulary padding rows (always zero): not counted in the logged model size, which
-        is then the same at every TP size."""
-        named = (self.parallel_model if self.parallel_model is not None else self.model).named_parameters()
-        seen, total = set(), 0
+    def _parameter_counts(self) -> tuple[int, int]:
+        """(trainable elements, of which in vocabulary padding rows) of the whole model, the same on every rank and
+        in every layout: summed over pipeline stages (each rank holds only its stages), a tied embedding's copy on
+        the last stage counted once. Padding rows (always zero) are left out of the logged model size, which is then
+        the same at every TP size."""
+        pm = self.parallel_model
+        named = (pm if pm is not None else self.model).named_parameters()
+        seen, total, padding = set(), 0, 0
         for name, p in named:
-            if p.requires_grad and id(p) not in seen and clean_name(name) in VOCAB_MATRICES:
-                seen.add(id(p))
-                total += self.model_config.vocab_padding * p.shape[1]
-        return total
+            if not p.requires_grad or id(p) in seen or (pm is not None and pm._is_tied_head_copy(p)):
+                continue
+            seen.add(id(p))
+            total += p.numel()  # a DTensor's numel is the global one
+            if clean_name(name) in VOCAB_MATRICES:
+                padding += self.model_config.vocab_padding * p.shape[1]
+        if pm is not None and pm.pp_size > 1:
+            counts = torch.tensor([total, padding], dtype=torch.int64, device=self.device)
+            dist.all_reduce(counts, group=pm.pp_group)
+            total, padding = (int(x) for x in counts.tolist())
+        return total, padding
 
     @property
     def core_model(self) -> VPiTModel:
@@ -542,9 +552,9 @@ class Trainer(TrainingLoop):
     # -------------------------------------------------------------------------------- training loop hooks
     def _start_message(self) -> str:
         c = self.config
-        padding = self._padding_parameters()
+        total, padding = self._parameter_counts()
         return (f"training {self.model_config.num_layers}-layer model, stage {c.stage}, "
-                f"{sum(p.numel() for p in self.params) - padding:,} trainable parameters"
+                f"{total - padding:,} trainable parameters"
                 + (f" (+{padding:,} in {self.model_config.vocab_padding} vocabulary padding rows, zero and masked)"
                    if padding else "") + ", global batch "
                 f"{self.global_batch_size} = {self.num_micro_batches} micro-batches x {c.micro_batch_size} x "
