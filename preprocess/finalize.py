@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.atomic import save_npy_atomic
+from engine.data.atomic import naming, save_npy_atomic
 from engine.data.latents import finalize_latent_part, latent_segment_path
 from engine.data.manifest import sha256_file
 from engine.data.shards import ROW_BYTES, segment_path, shard_prefix
@@ -61,7 +61,7 @@ def finalize_shard(out: Path, shard: int, local_rows: int, keep: list[int], mapp
             os.replace(part, final)  # the common case: no cross-shard duplicates, no copy
         else:
             data = np.memmap(part, dtype=np.uint8, mode="r").reshape(local_rows, ROW_BYTES)
-            with open(str(final) + ".tmp", "wb") as handle:
+            with naming(str(final) + ".tmp"), open(str(final) + ".tmp", "wb") as handle:
                 for local in keep:
                     handle.write(data[local].tobytes())
             del data

@@ -343,6 +343,29 @@ def test_json_the_decoder_refuses_is_a_counted_reject(data, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["skipped"] == {"malformed_json": 1}
 
 
+def test_a_full_disk_names_the_file_and_the_build_resumes(data, text, tmp_path):
+    """A write that fails (a full disk: here RLIMIT_FSIZE, EFBIG) raises an OSError without a file name: the one
+    line said only "error: File too large". It names the file, and --resume finishes byte-identical."""
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))
+
+    out = tmp_path / "out"
+    args = _text_args(data, text, out, "--seq-length", "4096")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240, check=False, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    assert _error_line(done.stderr).startswith(f"error: {out}/shards/shard-00000.bin.tmp: File too large"), done.stderr
+    assert _run([*args, "--resume"]).returncode == 0
+    reference = tmp_path / "reference"
+    assert _run(_text_args(data, text, reference, "--seq-length", "4096")).returncode == 0
+    assert factory.tree_bytes(out) == factory.tree_bytes(reference)
+
+
 def test_empty_input_warns(data, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """Re-raises an OSError without a file name (a write or fsync that hit a full disk or an I/O error) as one
+    naming `path`, so the build's one-line error says which file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+        raise
+
+
 def replace_atomic(tmp: str | Path, final: str | Path) -> None:
     """fsync then rename: the final name only ever points at a complete file."""
-    with open(tmp, "rb+") as handle:
+    with naming(tmp), open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
+    with naming(tmp), open(tmp, "wb") as handle:
         handle.write(data)
     replace_atomic(tmp, path)
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
+    with naming(tmp), open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
     replace_atomic(tmp, path)

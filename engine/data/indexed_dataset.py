@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.data.atomic import replace_atomic
+from engine.data.atomic import naming, replace_atomic
 from engine.data.manifest import ManifestError
 
 # Codes of the dtypes we write (see docs/data_format.md).
@@ -103,17 +103,19 @@ class AtomicIndexedDataset:
 
     def add(self, array: np.ndarray) -> None:
         # One item, one document: each packed sequence is an independent training sample.
-        self.handle.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        with naming(self.prefix + ".bin.tmp"):
+            self.handle.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
         self.lengths.append(int(array.size))
 
     def commit(self) -> None:
-        self.handle.close()
+        with naming(self.prefix + ".bin.tmp"):
+            self.handle.close()
         count = len(self.lengths)
         lengths = np.asarray(self.lengths, dtype=np.int32)
         pointers = np.zeros(count, dtype=np.int64)  # byte offset of each sequence in the .bin
         np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         documents = np.arange(count + 1, dtype=np.int64)  # sequence i is document i
-        with open(self.prefix + ".idx.tmp", "wb") as index:
+        with naming(self.prefix + ".idx.tmp"), open(self.prefix + ".idx.tmp", "wb") as index:
             index.write(_INDEX_HEADER + struct.pack("<QB", _INDEX_VERSION, _DTYPE_CODES[self.dtype]))
             index.write(struct.pack("<QQ", count, documents.size))
             index.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.config import TOKENS_PER_IMAGE, VISION_DIM
-from engine.data.atomic import replace_atomic, save_npy_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
+from engine.data.atomic import naming, replace_atomic, save_npy_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from engine.data.indexed_dataset import AtomicIndexedDataset, ShardFormatError, read_index
 
 if TYPE_CHECKING:  # imported where used: writing text-only shards needs no torch
@@ -112,10 +112,11 @@ class ShardWriter:
             for (slot_start, _, is_response), ref in zip(document.images, refs):
                 images.extend((offset + slot_start, ref, int(is_response)))
             file_index, line, record_id = document.source
-            self.documents.write(json.dumps({
-                "sequence": self.sequences, "document": doc_index, "offset": offset, "length": length,
-                "file": input_names[file_index], "line": line, "id": record_id, "truncated": document.truncated,
-            }, ensure_ascii=False) + "\n")
+            with naming(self.documents_tmp):
+                self.documents.write(json.dumps({
+                    "sequence": self.sequences, "document": doc_index, "offset": offset, "length": length,
+                    "file": input_names[file_index], "line": line, "id": record_id, "truncated": document.truncated,
+                }, ensure_ascii=False) + "\n")
             offset += length
             bounds.append(offset)
         images[0] = (len(images) - 1) // IMAGE_FIELDS
@@ -130,7 +131,8 @@ class ShardWriter:
 
     def commit(self) -> None:
         """Rename every stream into place (each file atomically)."""
-        self.documents.close()
+        with naming(self.documents_tmp):
+            self.documents.close()
         replace_atomic(self.documents_tmp, self.documents_tmp[:-len(".tmp")])
         for stream in (self.tokens, *self.side.values()):
             stream.commit()
@@ -151,11 +153,13 @@ class EmbeddingPartWriter:
             raise ValueError(f"embedding rows must be bf16 [n, {ROW_SHAPE[0]}, {ROW_SHAPE[1]}], got "
                              f"{rows.dtype} {tuple(rows.shape)}")
         # bf16 has no numpy dtype: store its bit pattern as little-endian uint16.
-        self.handle.write(rows.contiguous().view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
+        with naming(self.path + ".tmp"):
+            self.handle.write(rows.contiguous().view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
         self.rows += rows.shape[0]
 
     def commit(self) -> None:
-        self.handle.close()
+        with naming(self.path + ".tmp"):
+            self.handle.close()
         replace_atomic(self.path + ".tmp", self.path)
 
 
