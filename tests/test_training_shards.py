@@ -2,6 +2,7 @@
 stage 2, check the checkpoint's tokenizer copy and vision-encoder reference, and the shard integrity checks."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,11 @@ def test_flipped_byte_in_a_shard_is_named(build, tmp_path):
     target.write_bytes(bytes(data))
     config = parse_training_config(args(broken, "--train-iters", "1"))
     with pytest.raises(ValueError, match=target.name):
+        Trainer(config, build_device_mesh())
+    # In a blend the message names the build too (it named the shard file only, relative to a build).
+    config = parse_training_config(["--data-path", "0.5", str(build), "0.5", str(broken),
+                                    *args(broken, "--train-iters", "1")[2:]])
+    with pytest.raises(ValueError, match=re.escape(f"{broken}: shards/{target.name}")):
         Trainer(config, build_device_mesh())
 
 

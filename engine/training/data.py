@@ -455,7 +455,11 @@ def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums
     datasets = []
     tokenizer_prints, encoder_prints, lengths = {}, {}, {}
     for weight, path in weighted_paths:
-        reader = ShardReader(path, check_sha256=verify_checksums)
+        try:
+            reader = ShardReader(path, check_sha256=verify_checksums)
+        except (ValueError, OSError) as err:
+            # Name the build: with a blend, "shards/shard-00000.bin: sha256 mismatch" alone does not say which.
+            raise ValueError(str(err) if str(path) in str(err) else f"{path}: {err}") from err
         datasets.append((weight, reader))
         manifest = reader.manifest
         tokenizer_prints[path] = _manifest_field(manifest, "tokenizer.fingerprint", "tokenizer_fingerprint")
