@@ -42,6 +42,8 @@ def test_vocabulary_must_divide_by_tp():
     message = errors_for({"vocab_size": 511, "num_query_groups": 4}, world=4, tensor_model_parallel_size=4)
     assert "vocabulary 511 is not divisible by --tensor-model-parallel-size 4" in message
     assert "--make-vocab-size-divisible-by" in message
+    # --vocab-size is never padded: raising --make-vocab-size-divisible-by would not help there.
+    assert "or give --vocab-size a multiple of 4" in message
 
 
 def test_uneven_pipeline_splits_favour_middle_then_first_stage():

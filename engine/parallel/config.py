@@ -75,7 +75,8 @@ def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world
             problems.append(f"--hidden-size {model.hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         if model.vocab_size % tp:
             problems.append(f"vocabulary {model.vocab_size} is not divisible by --tensor-model-parallel-size {tp}: "
-                            "raise --make-vocab-size-divisible-by")
+                            "raise --make-vocab-size-divisible-by (which pads the tokenizer's vocabulary), or give "
+                            f"--vocab-size a multiple of {tp} (--vocab-size is used as given, never padded)")
         if parallel.sequence_parallel and model.seq_length % tp:
             problems.append(f"--seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                             "(needed by --sequence-parallel)")
