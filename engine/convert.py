@@ -20,7 +20,7 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 
@@ -188,17 +188,37 @@ def hf_config_from_model(config: ModelConfig, vocab: dict[str, int]) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------ HF files
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; CheckpointError (one line naming the file) for anything else."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (ValueError, RecursionError) as err:  # nesting or an integer json refuses
+        raise CheckpointError(f"{path} is not usable JSON ({type(err).__name__})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Reads a single-file or sharded (`model.safetensors.index.json`) safetensors checkpoint."""
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map tensor names to "
+                                  "shard file names)")
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            pure = PurePosixPath(shard)
+            if not shard or pure.is_absolute() or ".." in pure.parts or "\\" in shard:
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file inside {hf_dir}")
             path = hf_dir / shard
             if not path.is_file():
                 raise CheckpointError(f"{index} names shard {shard}, which is missing")
@@ -245,14 +265,25 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
     comes back exactly; a plain LLaMA gets the two image tokens appended and a freshly initialised projector/head.
     Either way the real vocabulary is padded to a multiple of `make_vocab_size_divisible_by` with zero rows.
     """
-    from engine.model import VPiTModel
-
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} is missing")
-    hf = json.loads(config_path.read_text())
+    hf = _read_json_object(config_path)
     hf_state = read_hf_state_dict(hf_dir)
+    try:
+        config, vocab, real_vocab, vocab_size = _config_from_hf(hf, config_path, make_vocab_size_divisible_by)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:  # a field missing or mistyped
+        what = f"field {err} is missing" if isinstance(err, KeyError) else " ".join(str(err).split())
+        raise CheckpointError(f"{config_path}: not a LLaMA config we can read ({what})") from None
+    return _import_weights(hf_dir, hf_state, config, vocab, real_vocab, vocab_size, output, dtype=dtype, seed=seed,
+                           tokenizer=tokenizer)
+
+
+def _config_from_hf(hf: dict[str, Any], config_path: Path, make_vocab_size_divisible_by: int):
+    """(ModelConfig, vocab layout, real vocabulary, padded vocabulary) of a Hugging Face config.json."""
     hf_vocab = hf["vocab_size"]
     ours = hf.get("chrysalis")
     if ours:
@@ -270,6 +301,12 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
     config = model_config_from_hf(hf, hf_vocab)
     if ours:
         config = config.replace(visual_loss_coef=float(ours.get("visual_loss_coef", 1.0)))
+    return config, vocab, real_vocab, vocab_size
+
+
+def _import_weights(hf_dir: Path, hf_state: dict[str, torch.Tensor], config: ModelConfig, vocab: dict[str, int],
+                    real_vocab: int, vocab_size: int, output, *, dtype, seed: int, tokenizer):
+    from engine.model import VPiTModel
 
     state: dict[str, torch.Tensor] = {}
     unknown = []
@@ -286,7 +323,8 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
     if config.tie_embeddings:
         state.pop("output.weight", None)
 
-    model_dtype = dtype or hf_state["model.embed_tokens.weight"].dtype
+    embed = hf_state.get("model.embed_tokens.weight")  # missing: named by check_state_dict below
+    model_dtype = dtype or (embed.dtype if embed is not None else torch.float32)
     with torch.device("meta"):
         model = VPiTModel(config)
     model.to_empty(device="cpu")

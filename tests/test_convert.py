@@ -203,3 +203,49 @@ def test_cli_round_trip(tmp_path, capsys):
     assert convert_main(["chrysalis-to-hf", "--load", str(tmp_path / "c"), "--output", str(tmp_path / "h")]) == 0
     assert json.loads((tmp_path / "h" / "config.json").read_text())["chrysalis"]["image_end_id"] == 251
     assert convert_main(["chrysalis-to-hf", "--load", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case", ["config-not-json", "config-not-utf8", "config-list", "config-no-vocab",
+                                  "chrysalis-no-ids", "index-outside", "index-absolute", "index-not-a-map"])
+def test_bad_hf_directories_give_one_line_and_exit_2(tmp_path, capsys, case):
+    """Hand-made or tampered HF directories: tracebacks (JSONDecodeError, KeyError, AttributeError) before, and an
+    index whose shard names lead outside --hf-dir (`../x`, an absolute path) was read from there."""
+    _, hf_dir = tiny_hf_llama(tmp_path)
+    config, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
+    if case.startswith("index"):
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        weights.rename(outside / "m.safetensors")
+        from safetensors import safe_open
+
+        keys = list(safe_open(str(outside / "m.safetensors"), "pt").keys())
+        shard = {"index-outside": "../elsewhere/m.safetensors",
+                 "index-absolute": str(outside / "m.safetensors"), "index-not-a-map": None}[case]
+        index = {"weight_map": {k: shard for k in keys} if shard else ["m.safetensors"]}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif case == "config-not-json":
+        config.write_text("{")
+    elif case == "config-not-utf8":
+        config.write_bytes(b"\xff\xfe")
+    elif case == "config-list":
+        config.write_text("[]")
+    elif case == "config-no-vocab":
+        _edit_json(config, lambda d: d.pop("vocab_size"))
+    else:
+        _edit_json(config, lambda d: d.update(chrysalis={"real_vocab_size": 3}))
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert convert_main(["hf-to-chrysalis", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = {"config-not-json": "config.json is not valid JSON", "config-not-utf8": "config.json is not valid UTF-8",
+            "config-list": "config.json holds a JSON list, not an object",
+            "config-no-vocab": "field 'vocab_size' is missing", "chrysalis-no-ids": "field 'base_vocab_size' is missing",
+            "index-outside": "which is not a file inside", "index-absolute": "which is not a file inside",
+            "index-not-a-map": "not a valid safetensors index"}[case]
+    assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+    assert not (tmp_path / "c").exists()
