@@ -225,6 +225,14 @@ def test_unavailable_fast_paths_fail_at_start(flags, message, monkeypatch):
         _trainer(flags)
 
 
+def test_triton_attention_head_dim_is_checked_at_start(monkeypatch):
+    """Head dim 8 (hidden 32 / 4 heads) was refused by the kernel at the first step, after data and model setup."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=re.escape("--attention-backend triton: head dim 8 (--hidden-size / "
+                                                   "--num-attention-heads) is outside")):
+        _trainer(["--attention-backend", "triton"])
+
+
 def test_cli_refuses_an_unavailable_backend_before_training():
     result = _cli([*TINY_CLI, "--attention-backend", "flash", "--train-iters", "1"])
     assert result.returncode == 1, result.stdout + result.stderr

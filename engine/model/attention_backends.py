@@ -103,6 +103,9 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         if not hasattr(module, TRITON_FUNCTIONS[name]):
             return f"{TRITON_KERNEL_MODULE} has no {TRITON_FUNCTIONS[name]}() (see the interface in " \
                    "engine/model/attention_backends.py)"
+        if name == "triton-fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+            return "FP8 attention needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer); use " \
+                   "--attention-backend triton on this GPU"
         return None
     return f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}"
 

@@ -150,6 +150,10 @@ class Trainer(TrainingLoop):
         if backend != requested:
             self._log(f"--attention-backend {requested}: using {backend} on {self.device.type}")
         self.model_config = self.model_config.replace(attention_backend=backend)
+        head_dim = self.model_config.head_dim
+        if backend in ("triton", "triton-fp8") and not 16 <= head_dim <= 256:  # chrysalis_kernels.attention's range
+            raise ValueError(f"--attention-backend {backend}: head dim {head_dim} (--hidden-size / "
+                             "--num-attention-heads) is outside the Triton attention kernels' 16..256")
         from engine.model.attention_backends import triton_kernels_unavailable_reason
 
         for flag, wanted in (("--fused-linear-cross-entropy", self.model_config.fused_linear_cross_entropy),
