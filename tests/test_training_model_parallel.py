@@ -96,3 +96,13 @@ def test_tied_embeddings_checkpoint_reshards_between_pp2_and_pp1(tmp_path):
     model, _, record = load_for_generation(tmp_path / "pp2")
     assert record["iteration"] == 3 and model.config.tie_embeddings
     assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_too_few_micro_batches_for_the_pipeline_fail_at_start():
+    """A global batch of one micro-batch at PP2: refused before the model is built and the data loader started (the
+    layout error came from the first step, after all of that)."""
+    run = torchrun(ENTRY, 2, [*ARGS, "--pipeline-model-parallel-size", "2", "--global-batch-size", "2",
+                              "--train-iters", "1"])
+    assert run.returncode == 1
+    assert "1 micro-batches per step is fewer than the 2 pipeline stages" in run.stderr
+    assert "model parallel:" not in run.stdout and "training ..." not in run.stdout

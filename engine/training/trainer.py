@@ -262,6 +262,10 @@ class Trainer(TrainingLoop):
 
         c = self.config
         hf_model = self._load_hf_model() if c.checkpoint.load_hf else None
+        from engine.parallel.config import validate_parallel_config
+
+        # With the step's micro-batch count too (the pipeline schedule needs >= PP of them): at start, not at step 1.
+        validate_parallel_config(c.parallel_config(), self.model_config, self.info.world_size, self.num_micro_batches)
         pm = ParallelVPiT(self.model_config, c.parallel_config(), self.info.mesh, device=self.device, seed=c.seed,
                           activation_checkpointing=c.recompute_num_layers != 0,
                           block_transforms=self._block_transforms(),
