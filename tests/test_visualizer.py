@@ -307,6 +307,33 @@ def test_render_never_writes_outside_output(tmp_path):
         assert os.sep not in stem and not stem.startswith(".") and stem
 
 
+@pytest.mark.parametrize("case", ["nan-tokens", "directory-at-a-png", "output-is-a-file"])
+def test_render_faults_are_one_line(tmp_path, capsys, case):
+    """NaN tokens rendered a noise PNG (with a numpy warning); a directory where a PNG goes, or an --output that is
+    a file, ended in an OSError traceback."""
+    from safetensors.torch import save_file
+
+    from engine.visualizer import render
+
+    Visualizer.tiny(seed=0).save(tmp_path / "viz")
+    tokens = F.normalize(torch.randn(64, 1152), dim=-1)
+    if case == "nan-tokens":
+        tokens[3, 5] = float("nan")
+    save_file({"x": tokens}, str(tmp_path / "t.safetensors"))
+    out = tmp_path / "png"
+    if case == "directory-at-a-png":
+        (out / "x.png").mkdir(parents=True)
+    elif case == "output-is-a-file":
+        out.write_text("mine")
+    code = render.main(["--visualizer", str(tmp_path / "viz"), "--tokens", str(tmp_path / "t.safetensors"),
+                        "--output", str(out), "--steps", "1", "--size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    want = {"nan-tokens": "tensor 'x' holds NaN or Inf", "directory-at-a-png": f"{out / 'x.png'}: Is a directory",
+            "output-is-a-file": "File exists"}[case]
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+    assert not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir()))
+
+
 def test_a_small_demo_run_renders_coffee_closest_to_coffee(build, tmp_path):
     """The quick start's picture recipe on a small run: an autoencoder and a visualizer trained on the build's
     three images (astronaut, coffee, rocket) render coffee's visual tokens closer to coffee.jpg than to every other

@@ -80,6 +80,8 @@ def read_tokens(tokens_path: str | Path):
     names, rows = [], []
     for key in sorted(tensors):
         t = tensors[key]
+        if t.is_floating_point() and not bool(t.isfinite().all()):  # would render noise (NaN cast to uint8)
+            raise ValueError(f"--tokens {tokens_path}: tensor {key!r} holds NaN or Inf")
         if t.dim() == 2:
             names.append(key)
             rows.append(t)
@@ -143,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                               steps=args.steps, size=args.size, seed=args.seed)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # --output: a file, read-only, a directory where a PNG goes, a full disk
+        name = err.filename2 or err.filename  # a rename names its target second
+        where = f"{name}: " if name else f"--output {args.output}: "
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     for key, path in written.items():
         print(f"{key if key.isprintable() else repr(key)} -> {path}")
