@@ -419,3 +419,22 @@ def test_summary_prints_meaningful_figures(data, tmp_path, capsys):
     assert "skipped {}" not in err and "(0 samples/s)" not in err
     assert f"built {out}: " in err and "7 of 7 records, none skipped" in err
     assert "records/s" in err and "images/s" in err and "packing efficiency" in err
+
+
+def test_a_16_bit_png_is_scaled_not_clipped():
+    """A 16-bit grayscale PNG opens in PIL as "I;16"; convert("RGB") clipped every value above 255, so a gradient
+    came out 99.6 % white (mean 0.998) while DALI scales it (mean 0.5): the embedding depended on the decoder."""
+    import io
+
+    from PIL import Image
+
+    from engine.data.image_decode import decode_image_pil
+
+    gradient = np.linspace(0, 65535, 40 * 32).reshape(32, 40).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="PNG")
+    pixels = decode_image_pil(buffer.getvalue(), 28)
+    expected = np.asarray(Image.fromarray((gradient / 257).round().astype(np.uint8)).convert("RGB").resize(
+        (28, 28), Image.Resampling.BICUBIC), dtype=np.float32).transpose(2, 0, 1) / 255
+    assert abs(float(pixels.mean()) - 0.5) < 0.01
+    assert np.abs(pixels.numpy() - expected).max() < 1e-6

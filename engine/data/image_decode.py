@@ -73,6 +73,16 @@ def open_image_header(data: bytes, max_pixels: int | None):
     return image
 
 
+def _high_bit_depth_to_l(image):
+    """16-bit grayscale (a 16-bit PNG opens as "I;16" or "I") scaled to 8 bits, as DALI does. PIL's own
+    convert("RGB") clips every value above 255, so such an image came out almost white."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(image).astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image_pil(data: bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                      ) -> torch.Tensor:
     """Decode, convert to RGB and resize one image with PIL; returns float32 [3, S, S] in [0, 1].
@@ -86,6 +96,8 @@ def decode_image_pil(data: bytes, image_size: int, max_pixels: int | None = DEFA
     image = open_image_header(data, max_pixels)
     try:
         image.load()  # forces the full decode: a truncated file raises here, not later
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            image = _high_bit_depth_to_l(image)
         image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
     except Exception as error:  # noqa: BLE001
         raise _classify(error) from None
