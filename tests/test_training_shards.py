@@ -134,6 +134,14 @@ def test_flipped_byte_in_a_shard_is_named(build, tmp_path):
         Trainer(config, build_device_mesh())
 
 
+def test_the_data_sequence_length_replacing_seq_length_is_said(build, capsys):
+    """A Megatron script's --seq-length 1024 on shards packed at 512 trains at 512 (the shards' length); that was
+    silent."""
+    t = Trainer(parse_training_config(args(build, "--seq-length", "1024", "--train-iters", "1")), build_device_mesh())
+    assert t.model_config.seq_length == 512
+    assert "sequence length 512: the data's (the model configuration said 1024" in capsys.readouterr().out
+
+
 def test_mixed_tokenizer_builds_are_refused(build, tmp_path):
     from preprocess.manifest import serialize_manifest
 

@@ -116,6 +116,8 @@ class Trainer(TrainingLoop):
             seq_length = opened.seq_length
         model = c.model
         if seq_length != model.seq_length:
+            self._log(f"sequence length {seq_length}: the data's (the model configuration said {model.seq_length}; "
+                      "--seq-length does not change packed shards, rebuild them to change it)")
             model = model.replace(seq_length=seq_length,
                                   max_position_embeddings=max(model.max_position_embeddings, seq_length))
         if self.vocab is not None and not c.vocab_size_from_flag:
