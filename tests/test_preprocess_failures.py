@@ -283,6 +283,23 @@ def test_inspect_of_a_corrupt_idx_is_one_line_naming_the_file(reference, tmp_pat
     assert "shards/shard-00001.idx" in line and "corrupt index" in line
 
 
+def test_a_manifest_nested_too_deeply_is_one_line(text, tmp_path, capsys):
+    """json.loads raises RecursionError (not JSONDecodeError) on deep nesting: inspect and verify ended in a
+    traceback; training's ShardReader reads the manifest the same way."""
+    from engine.data.shards import ShardReader
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text[1], copy)
+    (copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    capsys.readouterr()
+    assert factory.run_cli(["inspect", str(copy)]) == 2
+    assert _error_line(capsys.readouterr().err) == "error: manifest.json: corrupt, not usable JSON (nested too deeply)"
+    assert factory.run_cli(["verify", str(copy)]) == 1
+    assert "FAULT: manifest.json: corrupt, not usable JSON" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ShardReader(copy)
+
+
 def test_inspect_of_a_missing_path_says_no_such_directory(tmp_path, capsys):
     assert factory.run_cli(["inspect", str(tmp_path / "nope")]) == 2
     line = _error_line(capsys.readouterr().err)

@@ -51,6 +51,9 @@ def check_manifest_bytes(data: bytes) -> dict:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"{MANIFEST_NAME}: corrupt, not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # valid syntax json refuses: nesting, a huge integer
+        what = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+        raise ManifestError(f"{MANIFEST_NAME}: corrupt, not usable JSON ({what})") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{MANIFEST_NAME}: corrupt, not a JSON object")
     version = manifest.get("format_version")
