@@ -378,3 +378,20 @@ def test_learning_rate_schedule_is_the_references():
     for step in (0, 1, 10, 3999, 4000, 4001, 10000, 15999, 16000, 20000):
         assert lr_factor(step, 4000, 16000) == pytest.approx(reference(step), abs=1e-12)
     assert lr_factor(5, 0, None) == 1.0 and lr_factor(2, 4, None) == pytest.approx(math.log(3) / math.log(5))
+
+
+def test_train_cli_faults_are_one_line(build, tmp_path, capsys):
+    """A --pretrained directory that does not exist was a diffusers traceback about connecting to huggingface.co;
+    --device cuda without a GPU was an AssertionError traceback."""
+    from engine.visualizer import train
+
+    args = ["--data-path", str(build[0]), "--image-root", str(SAMPLE / "images"), "--input", str(build[1]),
+            "--train-iters", "1", "--micro-batch-size", "1"]
+    assert train.main([*args, "--pretrained", str(tmp_path / "sd15"), "--save", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = (f"error: Stable Diffusion directory {tmp_path / 'sd15'}: no such directory (weights are read from a "
+                "local path; nothing is downloaded)")
+    assert err == [expected], err
+    if not torch.cuda.is_available():
+        assert train.main([*args, "--device", "cuda", "--save", str(tmp_path / "b")]) == 1
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err

@@ -108,8 +108,12 @@ def build_visualizer(config: VisualizerTrainingConfig, log=print):
     from engine.visualizer.model import Visualizer
 
     if config.pretrained:
-        log(f"loading Stable Diffusion from {config.pretrained}")
         from diffusers import UNet2DConditionModel
+
+        from engine.visualizer.model import check_stable_diffusion_dir
+
+        check_stable_diffusion_dir(config.pretrained)  # else diffusers takes the path for a Hub id and says so
+        log(f"loading Stable Diffusion from {config.pretrained}")
 
         width = UNet2DConditionModel.load_config(config.pretrained, subfolder="unet",
                                                  local_files_only=True)["cross_attention_dim"]
@@ -140,6 +144,9 @@ def train_visualizer(config: VisualizerTrainingConfig, log=print) -> list[float]
     from engine.visualizer.model import Visualizer
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: no CUDA device is available here (torch {torch.__version__}); "
+                         "leave --device out or use --device cpu")
     save = Path(config.save)
     start = 0
     state = None
