@@ -120,6 +120,14 @@ def test_megatron_llama_model_args_carry_over():
                                  ).model.rope_scaling.factor == 32.0
     with pytest.raises(ValueError, match="--rotary-percent 0.5: not supported"):
         parse_training_config(["--mock-data", "--rotary-percent", "0.5"])
+    # Megatron's examples/llama/train_llama3_8b_h100_fp8.sh: --kv-channels (checked against the head dimension),
+    # --calculate-per-token-loss and the TensorBoard timer/memory flags were unknown flags.
+    shape = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+    parse_training_config([*shape, "--kv-channels", "16", "--calculate-per-token-loss", "--log-timers-to-tensorboard",
+                           "--log-memory-to-tensorboard"])
+    with pytest.raises(ValueError, match="--kv-channels 128: the head dimension here is --hidden-size 64 / "
+                                         "--num-attention-heads 4 = 16"):
+        parse_training_config([*shape, "--kv-channels", "128"])
 
 
 def test_full_recompute_without_a_layer_count_is_refused():
@@ -142,6 +150,8 @@ def test_megatron_aliases_in_yaml(tmp_path):
                                         "equivalent: --sequence-parallel")),
     (["--train-samples=1000"], "--train-samples (Megatron-LM) is not supported; nearest equivalent: --train-iters"),
     (["--no-load-optim"], "nearest equivalent: --finetune"),
+    (["--cross-entropy-loss-fusion"], "nearest equivalent: --fused-linear-cross-entropy"),
+    (["--decoupled-lr", "5e-4"], "--decoupled-lr (Megatron-LM) is not supported"),
     (["--micro-batch-sise", "2"], ("neither a Chrysalis flag nor a Megatron-LM flag we know; did you mean "
                                    "--micro-batch-size")),
 ])

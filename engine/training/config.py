@@ -466,6 +466,10 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
     if not args.model_preset and args.num_layers is None:
         args.model_preset = "tiny" if sections["data"].get("mock_data") else None
     model = model_config_from_args(args).replace(**sections.pop("model"))
+    kv_channels = getattr(args, "megatron_accepted__kv_channels", None)  # Megatron's --kv-channels
+    if kv_channels is not None and str(kv_channels) != str(model.head_dim):
+        raise ValueError(f"--kv-channels {kv_channels}: the head dimension here is --hidden-size {model.hidden_size} / "
+                         f"--num-attention-heads {model.num_attention_heads} = {model.head_dim}")
     return TrainingConfig(
         model=model,
         vocab_size_from_flag=args.vocab_size is not None,

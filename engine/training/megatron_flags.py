@@ -81,6 +81,11 @@ ACCEPTED: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "--no-position-embedding": (None, "there is no learned absolute position embedding: positions are RoPE"),
     "--rotary-percent": (("1.0", "1"), "RoPE rotates the whole head dimension"),
     "--attention-softmax-in-fp32": (None, "the attention kernels keep the softmax in fp32"),
+    "--kv-channels": (("*",), "the head dimension is --hidden-size / --num-attention-heads (checked against it)"),
+    "--calculate-per-token-loss": (None, "losses are always averaged per token over the global batch (targets "
+                                         "counted over every micro-batch and data-parallel rank)"),
+    "--log-timers-to-tensorboard": (None, "step and data-wait times are always logged (TensorBoard gets every field)"),
+    "--log-memory-to-tensorboard": (None, "peak memory is always logged (TensorBoard gets every field)"),
     "--no-gradient-accumulation-fusion": (None, "gradients accumulate in torch"),
     "--no-persist-layer-norm": (None, "normalisation is torch's RMSNorm"),
     "--no-async-tensor-model-parallel-allreduce": (None, "DTensor schedules TP communication"),
@@ -125,6 +130,16 @@ UNSUPPORTED: dict[str, str] = {
     "--tensorboard-log-interval": "--log-interval (TensorBoard gets every logged step)",
     "--distributed-timeout-minutes": "nothing yet (torch's default process-group timeout)",
     "--micro-batch-size-per-gpu": "--micro-batch-size",
+    "--cross-entropy-loss-fusion": "--fused-linear-cross-entropy (LM head + cross-entropy in one Triton kernel)",
+    "--apply-layernorm-1p": "nothing: RMSNorm weights are used as stored (LLaMA)",
+    "--decoupled-lr": "nothing: one learning rate for every parameter",
+    "--decoupled-min-lr": "nothing: one learning rate for every parameter",
+    "--fp8-amax-history-len": "--fp8-recipe delayed --fp8-backend te (Transformer Engine's delayed-scaling defaults)",
+    "--fp8-amax-compute-algo": "--fp8-recipe delayed --fp8-backend te (Transformer Engine's delayed-scaling defaults)",
+    "--manual-gc": "nothing: Python's garbage collector runs as usual",
+    "--empty-unused-memory-level": "nothing: the CUDA caching allocator is left alone",
+    "--log-params-norm": "nothing yet: the gradient norm is logged (grad_norm)",
+    "--profile": "nothing yet: wrap pretrain_gpt_vision.main in torch.profiler",
 }
 
 USAGE = ("torchrun --nproc-per-node N pretrain_gpt_vision.py --data-path DIR --model-preset NAME "
