@@ -125,6 +125,9 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, a huge integer
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise CheckpointError(f"{path} is not usable JSON ({what})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object")
     if config.get("format") != FORMAT:

@@ -347,6 +347,26 @@ def test_generate_flags_and_batch_file_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_generate_json_nested_too_deeply_is_one_line_and_a_bom_is_read(tmp_path, capsys):
+    """RecursionError from json (a batch line, a model-only config.json nested 100,000 deep) was a traceback; a
+    batch file starting with a UTF-8 byte-order mark was refused ("Unexpected UTF-8 BOM")."""
+    from engine.generation import read_batch_file
+
+    deep = "[" * 100_000 + "]" * 100_000
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text('{"prompt": "fine"}\n{"prompt": ' + deep + "}\n")
+    missing = str(tmp_path / "no-checkpoint")
+    assert generate.main(["--load", missing, "--batch-file", str(batch), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {batch}:2: not usable JSON (nested too deeply)"]
+    model = tiny_model_checkpoint(tmp_path, 2)
+    (model / "config.json").write_text(deep)
+    assert generate.main(["--load", str(model), "--prompt", "x", "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {model / 'config.json'} is not usable JSON (nested too deeply)"]
+    batch.write_bytes(b'\xef\xbb\xbf{"prompt": "fine"}\n')
+    assert [item.prompt for item in read_batch_file(batch)] == ["fine"]
+
+
 def test_generate_refuses_a_tokenizer_with_another_fingerprint(tmp_path, capsys):
     """--tokenizer is compared with the fingerprint recorded with the checkpoint (its ids must be the model's)."""
     from engine.tokenizer import build_tokenizer, load_saved_tokenizer

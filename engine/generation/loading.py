@@ -45,7 +45,7 @@ def _is_model_checkpoint(path: Path) -> bool:
         return False
     try:
         data = json.loads(config.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
         return True  # engine.checkpoint_io names the file and what is wrong with it
     return isinstance(data, dict) and data.get("format") == "chrysalis-model"
 
@@ -54,7 +54,7 @@ def _saved_fingerprint(directory: Path) -> str | None:
     """The fingerprint recorded in a checkpoint's tokenizer copy (tokenizer/tokenizer_config.json), if any."""
     try:
         data = json.loads((directory / "tokenizer" / "tokenizer_config.json").read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data.get("fingerprint") if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) else None
 

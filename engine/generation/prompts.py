@@ -32,7 +32,7 @@ def read_batch_file(path: str | Path) -> list[PromptInput]:
     """Parses a `--batch-file`; errors name the line."""
     path = Path(path)
     inputs: list[PromptInput] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # -sig: a BOM
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -40,6 +40,9 @@ def read_batch_file(path: str | Path) -> list[PromptInput]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, a huge integer
+            what = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+            raise ValueError(f"{where}: not usable JSON ({what})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{where}: expected an object with a string 'prompt'")  # noqa: TRY004 (bad input, not a bug)
         images = record.get("images") or []
