@@ -228,6 +228,19 @@ def test_unknown_gpu_and_impossible_plans_fail_clearly(capsys):
     assert "torchrun --nnodes 2 --nproc-per-node 6 " in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_launch_flags_override_the_recipes_recomputation(recompute):
+    """examples/metamorph/README.md: append the planner's flags to a recipe (which recomputes every block); the
+    run must get the planner's choice (a layout without recomputation printed no flag and kept the recipe's)."""
+    from engine.training import parse_training_config
+
+    layout = Layout(tp=1, pp=1, dp=8, micro_batch_size=1, global_batch_size=448, sharding="fsdp", recompute=recompute)
+    flags = launch_flags(layout, model_preset="llama3.1-8b", seq_length=4096)
+    config = parse_training_config(["--config", str(REPO / "examples/metamorph/stage1.yaml"), *flags, "--mock-data"])
+    assert config.recompute_num_layers == {"none": 0, "selective": -1, "full": -1}[recompute]
+    assert config.recompute_granularity == ("selective" if recompute == "selective" else "full")
+
+
 def test_enumeration_respects_the_trainer():
     """Only layouts the trainer accepts: its flags, its divisibility rules, and bf16 only where it supports it."""
     cfg = preset("llama3.1-8b")

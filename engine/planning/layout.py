@@ -208,10 +208,14 @@ def launch_flags(layout: Layout, *, model_preset: str | None, seq_length: int) -
         flags += ["--data-parallel-sharding", "fsdp"]
     elif layout.sharding == "distopt":
         flags.append("--use-distributed-optimizer")
+    # Always explicit, so the flags override a --config that sets recomputation (the MetaMorph recipes recompute
+    # every block: appended to them, "none" printed nothing and the run kept full recomputation).
     if layout.recompute == "full":
-        flags += ["--recompute-num-layers", "-1"]
+        flags += ["--recompute-granularity", "full", "--recompute-num-layers", "-1"]
     elif layout.recompute == "selective":
-        flags += ["--recompute-granularity", "selective"]
+        flags += ["--recompute-granularity", "selective", "--recompute-num-layers", "-1"]
+    else:
+        flags += ["--recompute-num-layers", "0"]
     if layout.bf16:
         flags.append("--bf16")
     if layout.fp8:
