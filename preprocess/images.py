@@ -40,6 +40,9 @@ def decode_embedding(blob: bytes) -> torch.Tensor:
             tensor = torch.from_numpy(np.ascontiguousarray(array))
     except Exception as error:  # noqa: BLE001 - any parse failure is this record's problem
         raise RecordError("embedding_bad", f"cannot read precomputed embedding: {error}") from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:  # .float() would drop the imaginary part silently
+        raise RecordError("embedding_bad", f"precomputed embedding has dtype {str(tensor.dtype).removeprefix('torch.')}"
+                          "; expected real numbers")
     tensor = tensor.float()
     if tensor.dim() == 3:
         tensor = tensor.reshape(-1, tensor.shape[-1])  # [g, g, D] -> [g*g, D]
@@ -48,4 +51,7 @@ def decode_embedding(blob: bytes) -> torch.Tensor:
                           f"[{TOKENS_PER_IMAGE}, {VISION_DIM}] or [729, {VISION_DIM}]")
     if not torch.isfinite(tensor).all():
         raise RecordError("embedding_bad", "precomputed embedding contains NaN or Inf")
-    return pool_and_normalize(tensor[None])[0]
+    pooled = pool_and_normalize(tensor[None])[0]
+    if not bool((pooled.norm(dim=-1) > 0.5).all()):  # a zero token cannot be L2-normalised: no direction to learn
+        raise RecordError("embedding_bad", "precomputed embedding has a token of zero norm (all zeros?)")
+    return pooled

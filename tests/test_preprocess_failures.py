@@ -455,3 +455,23 @@ def test_a_16_bit_png_is_scaled_not_clipped():
         (28, 28), Image.Resampling.BICUBIC), dtype=np.float32).transpose(2, 0, 1) / 255
     assert abs(float(pixels.mean()) - 0.5) < 0.01
     assert np.abs(pixels.numpy() - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("case", ["zeros", "complex"])
+def test_precomputed_embeddings_that_cannot_be_targets_are_rejected(case):
+    """An all-zero embedding has no direction (L2-normalising leaves it zero, a cosine target of nothing); a complex
+    one lost its imaginary part in .float() with only a torch warning. Both were stored as if fine."""
+    import io
+
+    from preprocess.images import decode_embedding
+    from preprocess.records import RecordError
+
+    array = np.zeros((64, 1152), np.float32) if case == "zeros" else np.ones((64, 1152), np.complex64)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with pytest.raises(RecordError, match="zero norm" if case == "zeros" else "dtype complex64") as caught:
+        decode_embedding(b"NPY\0" + buffer.getvalue())
+    assert caught.value.reason == "embedding_bad"
+    good = io.BytesIO()
+    np.save(good, np.random.default_rng(0).random((64, 1152), dtype=np.float32))
+    assert decode_embedding(b"NPY\0" + good.getvalue()).norm(dim=-1).sub(1).abs().max() < 1e-5
