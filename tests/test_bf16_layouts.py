@@ -24,6 +24,8 @@ LAYOUTS = {
                    "--sequence-parallel"),
     "dp2xtp2-bf16-reduce": (4, "--tensor-model-parallel-size", "2", "--grad-reduce-in-bf16"),
     "fsdp2": (2, "--data-parallel-sharding", "fsdp"),
+    # DDP's bf16 gradient compression: torch's bf16_compress_hook refuses gloo (a TypeError at the first backward).
+    "ddp2-bf16-reduce": (2, "--grad-reduce-in-bf16"),
 }
 
 

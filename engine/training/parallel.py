@@ -117,10 +117,29 @@ def parallelize(model: nn.Module, info: ParallelInfo, sharding: str, bf16: bool,
                                   device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                   broadcast_buffers=False)
     if bf16 and not reduce_in_fp32:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+        group = dp_mesh.get_group()
+        if dist.get_backend(group) == "nccl":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
-        ddp.register_comm_hook(dp_mesh.get_group(), bf16_compress_hook)
+            ddp.register_comm_hook(group, bf16_compress_hook)
+        else:  # torch's hook refuses anything but NCCL/XCCL (a TypeError at the first backward); same math here
+            ddp.register_comm_hook(group, _bf16_compress_hook)
     return ddp
+
+
+def _bf16_compress_hook(process_group, bucket):
+    """DDP communication hook: the bucket averaged over the group in bf16 (torch's `bf16_compress_hook`, which
+    checks for NCCL >= 2.10, without that check, for gloo)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut):
+        out = bucket.buffer()
+        out.copy_(fut.value()[0])
+        return out
+
+    return future.then(decompress)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
