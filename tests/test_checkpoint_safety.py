@@ -163,6 +163,24 @@ def test_hand_edited_json_gives_one_line_naming_the_file(saved, tmp_path, capsys
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
 
 
+def test_export_never_writes_into_training_checkpoints(saved, tmp_path, capsys):
+    """`export --load CK --output CK` wrote config.json + model.safetensors into the --save folder; the next
+    `pretrain --load CK` took it for a model-only checkpoint and restarted from iteration 0 without the optimizer
+    (exit 0, the resume silently lost). Into an iter_* folder it made that checkpoint unusable (unlisted files)."""
+    save = copy(saved, tmp_path)
+    before = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}
+    for flags, want in ((["--output", str(save)], f"--output {save} holds training checkpoints"),
+                        (["--output", str(save / "iter_0000002" / "m")], "is inside the training checkpoint"),
+                        (["--output", str(tmp_path / "m"), "--hf-output", str(save)],
+                         f"--hf-output {save} holds training checkpoints")):
+        assert export.main(["--load", str(save), *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+    assert {p: p.read_bytes() for p in save.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "m").exists()
+    assert export.main(["--load", str(save), "--output", str(tmp_path / "m")]) == 0
+
+
 def test_zero_heads_in_a_recorded_config_is_one_line(saved, tmp_path, capsys):
     """ModelConfig validation divided by num_attention_heads before checking it: ZeroDivisionError traceback."""
     save = copy(saved, tmp_path)

@@ -51,11 +51,30 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
     return model.to(device=device, dtype=dtype), tokenizer, {**record, "path": str(path)}
 
 
+def _refuse_training_folder(out: Path, flag: str) -> None:
+    """A model-only checkpoint written into a training --save folder makes the next `--load` of that folder a
+    weights-only load from iteration 0 (config.json is taken for a model-only checkpoint); written into an iter_*
+    folder, it adds files the checkpoint's record does not list, so the checkpoint is refused from then on."""
+    from engine.training import checkpoint as ckpt
+
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / ckpt.RECORD).is_file():
+            raise ValueError(f"{flag} {out} is inside the training checkpoint {folder}: files written there would make "
+                             "it unusable; choose another folder")
+    if resolved.is_dir() and ((resolved / ckpt.LATEST).exists() or any(resolved.glob("iter_*"))):
+        raise ValueError(f"{flag} {out} holds training checkpoints: a model-only checkpoint written there would "
+                         "replace them on the next --load; choose another folder")
+
+
 def export_training_checkpoint(load: str | Path, output: str | Path, *, hf_output: str | Path | None = None) -> Path:
     """Writes a model-only checkpoint (engine.checkpoint_io format, tokenizer copied) and optionally exports it to
     Hugging Face through `engine.convert.chrysalis_to_hf`."""
     from engine.checkpoint_io import save_model_checkpoint
 
+    for flag, where in (("--output", output), ("--hf-output", hf_output)):
+        if where is not None:
+            _refuse_training_folder(Path(where), flag)
     model, tokenizer, record = load_for_generation(load)
     vocab = record.get("vocab") or {}
     vocab = {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}
