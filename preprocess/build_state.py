@@ -63,7 +63,7 @@ def read_build_state(out: Path) -> dict | None:
     """Our build.json in `out`, or None when there is none or it is not ours / not valid."""
     try:
         state = json.loads((out / BUILD_STATE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deeply
         return None
     if not isinstance(state, dict) or state.get("kind") != BUILD_KIND or any(k not in state for k in _STATE_KEYS):
         return None
@@ -123,9 +123,12 @@ def _check_resume(out: Path, state: dict, previous: dict) -> None:
     fingerprint = state["vision_encoder"].get("fingerprint")
     for part in sorted((out / PARTS_DIR).glob("shard-*.json")):
         try:
-            recorded = json.loads(part.read_text()).get("vision_encoder", "missing")
-        except (OSError, ValueError):
+            value = json.loads(part.read_text())
+        except (OSError, ValueError, RecursionError):
             continue  # an unreadable part is not a finished shard: it is redone
+        if not isinstance(value, dict):
+            continue  # nor is a corrupt one
+        recorded = value.get("vision_encoder", "missing")
         if recorded != fingerprint:
             raise BuildError(f"--resume: {part.relative_to(out)} was encoded with encoder fingerprint "
                              f"{str(recorded)[:12]}, this build uses {str(fingerprint)[:12]}: a resumed build must "
@@ -212,5 +215,5 @@ def part_is_done(out: Path, task: dict, fingerprint: str | None) -> bool:
     try:
         part = json.loads(path.read_text())
         return part["task"] == json.loads(json.dumps(task)) and part.get("vision_encoder") == fingerprint
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # unreadable or corrupt
         return False

@@ -270,6 +270,19 @@ def test_tokenizer_tmp_folder_left_by_a_kill_is_cleaned_on_resume(data, text, tm
     assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
 
 
+@pytest.mark.parametrize("part", ["[]", "deep"])
+def test_a_corrupt_part_record_is_redone_on_resume(data, text, tmp_path, part):
+    """A finished shard's parts/shard-N.json that is a JSON list, or nested too deeply for json, ended --resume
+    in a traceback (AttributeError, RecursionError); it is not a finished shard, so it is redone."""
+    out = tmp_path / "out"
+    args = _text_args(data, text, out)
+    crashed = _run(args, {CRASH_DURING_SHARD_ENV: "1"})
+    assert crashed.returncode == 17, crashed.stderr
+    (out / "parts" / "shard-00000.json").write_text("[]" if part == "[]" else "[" * 100_000 + "]" * 100_000)
+    assert factory.run_cli([*args, "--resume"]) == 0
+    assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
+
+
 def test_inspect_of_a_corrupt_idx_is_one_line_naming_the_file(reference, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
