@@ -1,5 +1,5 @@
 """bf16 mixed precision under every parallel layout, through `pretrain_gpt_vision.py` on real shards (the bundled
-sample built by `python -m preprocess build`): TP2, PP2 interleaved, TP2 x PP2 + SP (1F1B), DP2 x TP2 (with
+sample built by `python -m preprocess build`): TP2, PP2 interleaved, TP2 x PP2 + SP (1F1B), DP2 x TP2 and DDP2 (both with
 `--grad-reduce-in-bf16`) and FSDP2 each log the 5 losses of one bf16 process within 2e-2
 relative. In-process checks: what runs in bf16 and what stays fp32 in a pipeline stage, and `--fp16`'s refusal."""
 
@@ -113,3 +113,8 @@ def test_fp16_is_refused_and_grad_reduce_flags_parse():
     assert parse_training_config(["--mock-data", "--accumulate-allreduce-grads-in-fp32"]) \
         .accumulate_allreduce_grads_in_fp32 is True
     assert parse_training_config(["--mock-data", "--grad-reduce-in-bf16"]).accumulate_allreduce_grads_in_fp32 is False
+    # The reduction is bf16 only in bf16 training: an fp32 run with the flag reduced its fp32 gradients in bf16
+    # under TP/PP (ParallelVPiT) while DDP/FSDP2 (and Megatron) reduce them in fp32. The trainer reads this property.
+    assert parse_training_config(["--mock-data", "--grad-reduce-in-bf16"]).grad_reduce_in_bf16 is False
+    assert parse_training_config(["--mock-data", "--grad-reduce-in-bf16", "--bf16"]).grad_reduce_in_bf16 is True
+    assert parse_training_config(["--mock-data", "--bf16"]).grad_reduce_in_bf16 is False

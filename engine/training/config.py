@@ -201,6 +201,12 @@ class TrainingConfig:
                               data_parallel_sharding=self.data_parallel_sharding, pipeline_layer_split=split)
 
     @property
+    def grad_reduce_in_bf16(self) -> bool:
+        """Whether data-parallel gradients are reduced in bf16: `--grad-reduce-in-bf16` under `--bf16` only. The fp32
+        gradients of an fp32 run are reduced in fp32 whatever the flag, as in Megatron, in every layout."""
+        return self.bf16 and not self.accumulate_allreduce_grads_in_fp32
+
+    @property
     def model_parallel(self) -> bool:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size > 1
 

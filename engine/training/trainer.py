@@ -223,7 +223,7 @@ class Trainer(TrainingLoop):
                       "and their AdamW state")
         else:
             self.model = parallelize(model, self.info, c.data_parallel_sharding, c.bf16,
-                                     reduce_in_fp32=c.accumulate_allreduce_grads_in_fp32)
+                                     reduce_in_fp32=not c.grad_reduce_in_bf16)
         self.optimizer = build_optimizer(self.model, c)
         self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
         self.grad_mask = None
@@ -272,7 +272,7 @@ class Trainer(TrainingLoop):
                           activation_checkpointing=c.recompute_num_layers != 0,
                           block_transforms=self._block_transforms(),
                           autocast_dtype=torch.bfloat16 if c.bf16 else None,
-                          grad_reduce_dtype=torch.float32 if c.accumulate_allreduce_grads_in_fp32 else torch.bfloat16)
+                          grad_reduce_dtype=torch.bfloat16 if c.grad_reduce_in_bf16 else torch.float32)
         self._log(f"model parallel: tp={c.tensor_model_parallel_size} pp={c.pipeline_model_parallel_size} "
                   f"dp={self.info.dp_size}; {pm.describe()}")
         if hf_model is not None:
