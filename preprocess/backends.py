@@ -88,9 +88,14 @@ def build_backend(config: BuildConfig, expected_fingerprint: str | None = None):
     """The backend for `config`; an encoder whose fingerprint is not `expected_fingerprint` is refused."""
     if config.embeddings_dir:
         return PrecomputedBackend()
+    import pickle
+
     try:
         return EncoderBackend(config, expected_fingerprint)
+    except pickle.UnpicklingError:  # transformers read a *.bin with torch.load(weights_only=True), which refused it
+        raise BuildError(f"--vision-encoder {config.vision_encoder}: a pickle-format weight file holds more than "
+                         "tensors: refused by torch.load(weights_only=True), nothing in it ran") from None
     except (OSError, ValueError, RuntimeError) as error:
         if isinstance(error, BuildError):
             raise
-        raise BuildError(f"--vision-encoder {config.vision_encoder}: {error}") from None
+        raise BuildError(f"--vision-encoder {config.vision_encoder}: {' '.join(str(error).split())}") from None

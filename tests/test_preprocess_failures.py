@@ -488,3 +488,29 @@ def test_precomputed_embeddings_that_cannot_be_targets_are_rejected(case):
     good = io.BytesIO()
     np.save(good, np.random.default_rng(0).random((64, 1152), dtype=np.float32))
     assert decode_embedding(b"NPY\0" + good.getvalue()).norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tmp_path, capsys):
+    """A SigLIP folder whose pytorch_model.bin is a pickle payload: transformers' torch.load(weights_only=True)
+    refuses it (nothing runs), but the UnpicklingError ended the build in a traceback."""
+    import pickle
+
+    from transformers import SiglipVisionConfig
+
+    encoder, marker = tmp_path / "siglip", tmp_path / "PAYLOAD_RAN"
+    SiglipVisionConfig(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       image_size=28, patch_size=14).save_pretrained(encoder)
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    (encoder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    args = _args(data, tmp_path / "out", inputs=factory.write_jsonl(tmp_path / "q.jsonl", [QA]))
+    args[args.index("tiny-random")] = str(encoder)
+    capsys.readouterr()
+    assert factory.run_cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: --vision-encoder {encoder}: a pickle-format weight file holds more than tensors: "
+                   "refused by torch.load(weights_only=True), nothing in it ran"]
+    assert not marker.exists()
