@@ -514,3 +514,15 @@ def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tm
     assert err == [f"error: --vision-encoder {encoder}: a pickle-format weight file holds more than tensors: "
                    "refused by torch.load(weights_only=True), nothing in it ran"]
     assert not marker.exists()
+
+
+def test_an_input_that_is_a_pipe_is_refused_without_reading_it(data, tmp_path, capsys):
+    """`--input <(zcat x.jsonl.gz)` was reported as "no such file"; it exists, but a pipe cannot be read twice."""
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    capsys.readouterr()
+    assert factory.run_cli(_args(data, tmp_path / "out", inputs=fifo)) == 2
+    assert _error_line(capsys.readouterr().err) == (
+        f"error: --input {fifo}: not a regular file (inputs are read twice, to plan the shards and to build them: "
+        "decompress to a file first)")
+    assert not (tmp_path / "out").exists()

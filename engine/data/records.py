@@ -318,6 +318,9 @@ def plan_input(path: str, file_index: int, records_per_shard: int, first_shard: 
     """Scan one input file once: its sha256, record count and one ShardTask per `records_per_shard` records."""
     file_path = Path(path)
     if not file_path.is_file():
+        if file_path.exists():  # a pipe (`--input <(zcat x.gz)`), a directory, a device
+            raise FileNotFoundError(f"--input {path}: not a regular file (inputs are read twice, to plan the shards "
+                                    "and to build them: decompress to a file first)")
         raise FileNotFoundError(f"--input {path}: no such file")
     kind = detect_kind(file_path)
     digest = hashlib.sha256()
