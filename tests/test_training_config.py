@@ -193,3 +193,18 @@ def test_help_answers_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                             check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_pipeline_flags_need_pp_and_sequence_parallel_is_dropped_at_tp1():
+    """--pipeline-layer-split / --num-layers-per-virtual-pipeline-stage at PP 1 were ignored without a word on one
+    process or with DDP (refused only under TP); --sequence-parallel at TP 1 was refused at PP 2 and ignored
+    otherwise. Now: the pipeline flags need PP > 1 in every layout; SP at TP 1 is dropped with a note, as Megatron
+    does (its launch scripts pass it whatever the TP size)."""
+    for flags in (["--pipeline-layer-split", "2", "2"], ["--num-layers-per-virtual-pipeline-stage", "1"]):
+        with pytest.raises(ValueError, match="need --pipeline-model-parallel-size > 1"):
+            parse_training_config(["--mock-data", *flags]).validate(1)
+    config = parse_training_config(["--mock-data", "--sequence-parallel", "--pipeline-model-parallel-size", "2"])
+    config.validate(1)
+    assert config.parallel_config().sequence_parallel is False
+    tp2 = parse_training_config(["--mock-data", "--sequence-parallel", "--tensor-model-parallel-size", "2"])
+    assert tp2.parallel_config().sequence_parallel is True

@@ -240,6 +240,11 @@ def test_cli_refuses_an_unavailable_backend_before_training():
     assert "iteration" not in result.stdout
 
 
+def test_sequence_parallel_without_tp_is_noted(capsys):
+    _trainer(["--sequence-parallel", "--train-iters", "1"])
+    assert "note: --sequence-parallel has no effect without tensor parallelism (TP 1)" in capsys.readouterr().out
+
+
 def test_auto_backend_resolves_at_start(capsys):
     trainer = _trainer(["--attention-backend", "auto", "--train-iters", "1"])
     assert trainer.model_config.attention_backend == "sdpa"

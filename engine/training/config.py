@@ -197,7 +197,9 @@ class TrainingConfig:
         return ParallelConfig(tensor_model_parallel_size=self.tensor_model_parallel_size,
                               pipeline_model_parallel_size=self.pipeline_model_parallel_size,
                               num_layers_per_virtual_pipeline_stage=self.num_layers_per_virtual_pipeline_stage,
-                              sequence_parallel=self.sequence_parallel,
+                              # Megatron-LM drops --sequence-parallel at TP 1 (launch scripts pass it for every TP
+                              # size); so do we, with a note from the trainer
+                              sequence_parallel=self.sequence_parallel and self.tensor_model_parallel_size > 1,
                               data_parallel_sharding=self.data_parallel_sharding, pipeline_layer_split=split)
 
     @property
@@ -264,6 +266,10 @@ class TrainingConfig:
         if self.model.fused_visual_head_loss and self.tensor_model_parallel_size > 1:
             problems.append("--fused-visual-head-loss does not support a tensor-parallel visual head: drop it with "
                             "--tensor-model-parallel-size > 1")
+        if self.pipeline_model_parallel_size == 1 and (self.num_layers_per_virtual_pipeline_stage
+                                                       or self.pipeline_layer_split):
+            problems.append("--num-layers-per-virtual-pipeline-stage and --pipeline-layer-split need "
+                            "--pipeline-model-parallel-size > 1")
         if self.pipeline_layer_split:
             try:
                 [int(x) for x in self.pipeline_layer_split]

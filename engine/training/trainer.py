@@ -60,6 +60,9 @@ class Trainer(TrainingLoop):
         self.global_batch_size = config.resolved_global_batch_size(info.dp_size)
         self.num_micro_batches = self.global_batch_size // (config.micro_batch_size * info.dp_size)
         self._log = log or (lambda msg: print(msg, flush=True) if info.is_main else None)
+        if config.sequence_parallel and config.tensor_model_parallel_size == 1:
+            self._log("note: --sequence-parallel has no effect without tensor parallelism (TP 1): ignored, as by "
+                      "Megatron-LM")
         torch.manual_seed(config.seed)
 
         self._open_data(datasets, vocab)
