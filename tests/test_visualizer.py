@@ -307,10 +307,12 @@ def test_render_never_writes_outside_output(tmp_path):
         assert os.sep not in stem and not stem.startswith(".") and stem
 
 
-@pytest.mark.parametrize("case", ["nan-tokens", "directory-at-a-png", "output-is-a-file"])
+@pytest.mark.parametrize("case", ["nan-tokens", "directory-at-a-png", "output-is-a-file", "deep-json",
+                                  "truncated-unet"])
 def test_render_faults_are_one_line(tmp_path, capsys, case):
     """NaN tokens rendered a noise PNG (with a numpy warning); a directory where a PNG goes, or an --output that is
-    a file, ended in an OSError traceback."""
+    a file, ended in an OSError traceback; so did visualizer.json nested too deeply (RecursionError) and a
+    truncated UNet (diffusers' OSError)."""
     from safetensors.torch import save_file
 
     from engine.visualizer import render
@@ -325,11 +327,17 @@ def test_render_faults_are_one_line(tmp_path, capsys, case):
         (out / "x.png").mkdir(parents=True)
     elif case == "output-is-a-file":
         out.write_text("mine")
+    elif case == "deep-json":
+        (tmp_path / "viz" / "visualizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "truncated-unet":
+        (unet,) = (tmp_path / "viz" / "unet").glob("*.safetensors")
+        unet.write_bytes(unet.read_bytes()[:200])
     code = render.main(["--visualizer", str(tmp_path / "viz"), "--tokens", str(tmp_path / "t.safetensors"),
                         "--output", str(out), "--steps", "1", "--size", "8"])
     err = capsys.readouterr().err.strip().splitlines()
     want = {"nan-tokens": "tensor 'x' holds NaN or Inf", "directory-at-a-png": f"{out / 'x.png'}: Is a directory",
-            "output-is-a-file": "File exists"}[case]
+            "output-is-a-file": "File exists", "deep-json": "visualizer.json: not usable JSON",
+            "truncated-unet": f"--visualizer {tmp_path / 'viz'}: "}[case]
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
     assert not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir()))
 

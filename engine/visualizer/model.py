@@ -228,6 +228,8 @@ class Visualizer(nn.Module):
             meta = json.loads(meta_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, a huge integer
+            raise ValueError(f"{meta_path}: not usable JSON ({type(err).__name__})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: not a {FORMAT} description")
         if meta.get("format_version") != FORMAT_VERSION:

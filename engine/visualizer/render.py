@@ -141,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         visualizer = Visualizer.load(args.visualizer, device=args.device, stable_diffusion=args.stable_diffusion,
                                      log=print)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # diffusers: unreadable or truncated weights (its message names the file)
+        print(f"error: --visualizer {args.visualizer}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    try:
         written = render_file(visualizer, args.tokens, args.output, guidance_scale=args.guidance_scale,
                               steps=args.steps, size=args.size, seed=args.seed)
     except (ValueError, FileNotFoundError) as err:
