@@ -115,6 +115,14 @@ def validate_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_output_dir(args.output)
+
+
+def check_output_dir(output: str) -> None:
+    """--output is a directory; a file there is refused before any work (it failed after generation)."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ValueError(f"--output {output} is a file: --output is the directory that results.jsonl and images/ "
+                         "go into")
 
 
 def _inputs(args) -> list[PromptInput]:

@@ -206,6 +206,10 @@ def test_cli_input_errors(checkpoint, tmp_path, capsys):
         assert generate.main(["--load", str(ckpt), "--prompt", "x", *extra, "--output", str(tmp_path / "o")]) == 1
         captured = capsys.readouterr()
         assert message in captured.err and "generating" not in captured.out, (captured.out, captured.err)
+    (tmp_path / "a_file").write_text("")  # --output naming a file: refused before decoding (it failed after it)
+    assert generate.main(["--load", str(ckpt), "--prompt", "x", "--output", str(tmp_path / "a_file")]) == 1
+    captured = capsys.readouterr()
+    assert "is a file: --output is the directory" in captured.err and "generating" not in captured.out
     if not torch.cuda.is_available():  # --device cuda on a CPU machine: one line, not an AssertionError traceback
         assert generate.main(["--load", str(ckpt), "--prompt", "x", "--device", "cuda",
                               "--output", str(tmp_path / "o")]) == 1

@@ -351,3 +351,8 @@ def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(
                           "--output", str(tmp_path / "g2")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a MetaQuery checkpoint but a model-only LLM checkpoint" in err[0], err
+    (tmp_path / "a_file").write_text("")  # --output naming a file: refused before loading (it failed after rendering)
+    assert generate.main(["--recipe", "metaquery", "--load", str(save), "--prompt", "a cat", "--steps", "1",
+                          "--output", str(tmp_path / "a_file")]) == 1
+    captured = capsys.readouterr()
+    assert "is a file: --output is the directory" in captured.err and "loading" not in captured.out

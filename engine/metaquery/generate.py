@@ -219,6 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    from engine.generate import check_output_dir
+
+    check_output_dir(args.output)
     if not (math.isfinite(args.guidance_scale) and math.isfinite(args.image_guidance_scale)):
         raise ValueError("--guidance-scale and --image-guidance-scale must be finite")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
