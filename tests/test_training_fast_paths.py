@@ -245,6 +245,11 @@ def test_sequence_parallel_without_tp_is_noted(capsys):
     assert "note: --sequence-parallel has no effect without tensor parallelism (TP 1)" in capsys.readouterr().out
 
 
+def test_eval_interval_without_a_validation_split_is_noted(capsys):
+    _trainer(["--eval-interval", "2", "--split", "100,0,0", "--train-iters", "1"])
+    assert "note: --eval-interval 2 but --split 100,0,0 leaves nothing for validation" in capsys.readouterr().out
+
+
 def test_auto_backend_resolves_at_start(capsys):
     trainer = _trainer(["--attention-backend", "auto", "--train-iters", "1"])
     assert trainer.model_config.attention_backend == "sdpa"

@@ -142,6 +142,9 @@ class Trainer(TrainingLoop):
         if c.logging.eval_interval and fractions[1] > 0:
             self.valid_samples = BlendedSamples(self.datasets, fractions, 1,
                                                 c.logging.eval_iters * self.global_batch_size, c.seed)
+        elif c.logging.eval_interval:  # was silent: the run simply never validated
+            self._log(f"note: --eval-interval {c.logging.eval_interval} but --split {c.data.split} leaves nothing for "
+                      "validation: no validation in this run")
 
     def _resolve_fast_paths(self) -> None:
         """At start, before anything is built: `--attention-backend` (auto -> the fastest available; a backend
