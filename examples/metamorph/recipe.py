@@ -184,19 +184,27 @@ def _mapping(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first sentence
     sub = parser.add_subparsers(dest="command", required=True)
+    helps = {"blend": "print the --data-path blend", "command": "print every training flag of a stage"}
     for name in ("blend", "command"):
-        p = sub.add_parser(name)
-        p.add_argument("--root", type=Path, default=None)
-        p.add_argument("--by", choices=["family", "dataset"], default="family")
-        p.add_argument("--weights", choices=["paper", "sequences"], default="paper")
-        p.add_argument("--map", action="append", default=[], metavar="NAME=DIR")
-        p.add_argument("--allow-missing", action="store_true")
-    lr = sub.add_parser("lr")
+        p = sub.add_parser(name, help=helps[name])
+        p.add_argument("--root", type=Path, default=None,
+                       help="one preprocess build per data family (or dataset, --by dataset) under ROOT/<name>")
+        p.add_argument("--by", choices=["family", "dataset"], default="family",
+                       help="builds per data family or per dataset (default: family)")
+        p.add_argument("--weights", choices=["paper", "sequences"], default="paper",
+                       help="paper: the MetaMorph figure's shares; sequences: each build's packed sequences "
+                            "(default: paper)")
+        p.add_argument("--map", action="append", default=[], metavar="NAME=DIR",
+                       help="a build outside --root (repeatable)")
+        p.add_argument("--allow-missing", action="store_true",
+                       help="drop families without a build and renormalise the rest (default: an error)")
+    lr = sub.add_parser("lr", help="print the learning rate at another global batch")
     for p in (lr, sub.choices["command"]):
         p.add_argument("--stage", type=int, choices=[1, 2], required=True)
-        p.add_argument("--global-batch-size", type=int, default=None)
+        p.add_argument("--global-batch-size", type=int, default=None,
+                       help="default: the stage's (448 / 1536); the LR follows sqrt(batch / base batch)")
     sub.choices["command"].add_argument("--recipe", type=Path, default=None, help="default: stage<N>.yaml")
     sub.choices["command"].add_argument("extra", nargs="*", help="more training flags (after --)")
     args = parser.parse_args(argv)
