@@ -77,6 +77,7 @@ class MetaQueryTrainer(TrainingLoop):
         self.num_micro_batches = self.global_batch_size // (config.micro_batch_size * info.dp_size)
         self._log = log or (lambda msg: print(msg, flush=True) if info.is_main else None)
         torch.manual_seed(config.seed)
+        self._log("opening the data (--data-path) ...")
         self._open_data()
         self._build()
         self.iteration = self.consumed_samples = self.skipped_total = self.consecutive_skipped = 0
@@ -147,6 +148,9 @@ class MetaQueryTrainer(TrainingLoop):
         self.decoder_info = info_ = inspect_decoder(mq.decoder)
         self._check_decoder_against_latents()
         self.schedule_noise = NoiseSchedule(info_)
+        source = (f"--llm {mq.llm}" if mq.llm else f"--load-hf {c.checkpoint.load_hf}" if c.checkpoint.load_hf
+                  else "a random LLaMA of the model flags")
+        self._log(f"loading the frozen LLM ({source}) and the {info_.kind} decoder ({info_.root}) ...")
         model, self.llm_ref = load_llm(llm=mq.llm, load_hf=c.checkpoint.load_hf, model_config=c.model, seed=c.seed,
                                        vocab=self.vocab, make_vocab_size_divisible_by=c.data.make_vocab_size_divisible_by,
                                        tensor_parallel_size=c.tensor_model_parallel_size,
