@@ -326,7 +326,8 @@ def test_errors_name_the_flag_or_file(world, sample_shards, tmp_path, capsys):
     assert "give a frozen LLM as --llm" in capsys.readouterr().err
 
 
-def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(world, tmp_path, capsys):
+def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(world, tmp_path, capsys,
+                                                                              monkeypatch):
     """A MetaQuery checkpoint given to VPiT generation or as --llm, an LLM given to --recipe metaquery generation,
     a missing --llm: one line naming the flag and what to do (it was "invalid model config (unknown model config
     field(s): connector, ...)" and "--load PATH: no such file" for a missing --llm)."""
@@ -356,3 +357,7 @@ def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(
                           "--output", str(tmp_path / "a_file")]) == 1
     captured = capsys.readouterr()
     assert "is a file: --output is the directory" in captured.err and "loading" not in captured.out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun every rank rendered the same files
+    assert generate.main(["--recipe", "metaquery", "--load", str(save), "--prompt", "a cat", "--steps", "1",
+                          "--output", str(tmp_path / "g3")]) == 1
+    assert "renders in one process" in capsys.readouterr().err and not (tmp_path / "g3").exists()

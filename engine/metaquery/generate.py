@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.generate import check_output_dir
 
     check_output_dir(args.output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would render the same images into the same files
+        raise ValueError("--recipe metaquery renders in one process (no tensor parallelism yet): run it with "
+                         "python -m engine.generate, not torchrun")
     if not (math.isfinite(args.guidance_scale) and math.isfinite(args.image_guidance_scale)):
         raise ValueError("--guidance-scale and --image-guidance-scale must be finite")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
