@@ -385,9 +385,38 @@ def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: in
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _refuse_output(output: str | Path, source: str | Path, source_flag: str) -> None:
+    """An --output that is the source, or holds a checkpoint of the other kind, would be overwritten in place:
+    `chrysalis-to-hf --load M --output M` replaced M's config.json and weights; `hf-to-chrysalis --output` into a
+    training --save folder made its next --load a weights-only restart."""
+    from engine.training.export import _refuse_training_folder
+
+    out = Path(output)
+    if out.resolve() == Path(source).resolve():
+        raise CheckpointError(f"--output {out} is the {source_flag} directory: converting in place would overwrite "
+                              "it; choose another folder")
+    try:
+        _refuse_training_folder(out, "--output")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            kind = json.loads(config.read_bytes().decode("utf-8")).get("format")
+        except (ValueError, RecursionError, AttributeError):
+            kind = None
+        if kind == "chrysalis-model" if source_flag == "--load" else kind != "chrysalis-model":
+            raise CheckpointError(f"--output {out} holds a checkpoint of the other format ({config}): writing there "
+                                  "would leave it half overwritten; choose another folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "hf-to-chrysalis" and args.output is not None:
+            _refuse_output(args.output, args.hf_dir, "--hf-dir")
+        elif args.command == "chrysalis-to-hf":
+            _refuse_output(args.output, args.load, "--load")
         if args.command == "hf-to-chrysalis":
             tokenizer = None
             if args.tokenizer_type:

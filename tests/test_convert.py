@@ -249,3 +249,31 @@ def test_bad_hf_directories_give_one_line_and_exit_2(tmp_path, capsys, case):
             "index-not-a-map": "not a valid safetensors index"}[case]
     assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_conversion_never_overwrites_its_source_or_another_checkpoint(tmp_path, capsys):
+    """`chrysalis-to-hf --load M --output M` replaced M's config.json and weights (the model-only checkpoint was
+    gone); `hf-to-chrysalis --output` into a training --save folder made its next --load a weights-only restart."""
+    _, hf_dir = tiny_hf_llama(tmp_path)
+    assert convert_main(["hf-to-chrysalis", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c")]) == 0
+    save = tmp_path / "save"
+    (save / "iter_0000001").mkdir(parents=True)
+    (save / "latest").write_text("iter_0000001\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for argv, want in (
+            (["chrysalis-to-hf", "--load", str(tmp_path / "c"), "--output", str(tmp_path / "c")], "is the --load directory"),
+            (["chrysalis-to-hf", "--load", str(tmp_path / "c"), "--output", str(hf_dir.parent / "c")],
+             "is the --load directory"),
+            (["hf-to-chrysalis", "--hf-dir", str(hf_dir), "--output", str(hf_dir)], "is the --hf-dir directory"),
+            (["hf-to-chrysalis", "--hf-dir", str(hf_dir), "--output", str(save)], "holds training checkpoints"),
+            (["chrysalis-to-hf", "--load", str(tmp_path / "c"), "--output", str(tmp_path / "c2")], None)):
+        if want is None:  # a model-only checkpoint elsewhere: the HF export must not land on it either
+            (tmp_path / "c2").mkdir()
+            (tmp_path / "c2" / "config.json").write_text(json.dumps({"format": "chrysalis-model"}))
+            before[tmp_path / "c2" / "config.json"] = (tmp_path / "c2" / "config.json").read_bytes()
+            want = "holds a checkpoint of the other format"
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
