@@ -36,8 +36,8 @@ ALIASES: dict[str, tuple[str, Any, str]] = {
 # Megatron flag -> (our flag, value it sets when our flag is not given, note): `--use-rope-scaling` turns on
 # Llama-3.1 RoPE scaling with Megatron's default `--rope-scaling-factor 8`, or with the factor given.
 DEFAULTING_ALIASES: dict[str, tuple[str, Any, str]] = {
-    "--use-rope-scaling": ("--rope-scaling-factor", 8.0, "Llama-3.1 RoPE scaling (factor 8 unless "
-                                                         "--rope-scaling-factor is given)"),
+    "--use-rope-scaling": ("--rope-scaling-factor", 8.0,
+                           "Llama-3.1 RoPE scaling (factor 8 unless --rope-scaling-factor is given)"),
 }
 
 # Megatron values of our flags -> our values (applied to the command line before parsing).
@@ -82,8 +82,8 @@ ACCEPTED: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "--rotary-percent": (("1.0", "1"), "RoPE rotates the whole head dimension"),
     "--attention-softmax-in-fp32": (None, "the attention kernels keep the softmax in fp32"),
     "--kv-channels": (("*",), "the head dimension is --hidden-size / --num-attention-heads (checked against it)"),
-    "--calculate-per-token-loss": (None, "losses are always averaged per token over the global batch (targets "
-                                         "counted over every micro-batch and data-parallel rank)"),
+    "--calculate-per-token-loss": (None, ("losses are always averaged per token over the global batch (targets "
+                                          "counted over every micro-batch and data-parallel rank)")),
     "--log-timers-to-tensorboard": (None, "step and data-wait times are always logged (TensorBoard gets every field)"),
     "--log-memory-to-tensorboard": (None, "peak memory is always logged (TensorBoard gets every field)"),
     "--no-gradient-accumulation-fusion": (None, "gradients accumulate in torch"),
