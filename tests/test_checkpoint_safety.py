@@ -323,6 +323,17 @@ def tiny_model_checkpoint(tmp_path: Path, layers: int) -> Path:
                                  vocab={"base_vocab_size": 300, "image_start_id": 300, "image_end_id": 301})
 
 
+def test_a_requeued_run_saving_into_its_model_only_load_folder_resumes(saved, tmp_path):
+    """`--load M --save M` with M a model-only checkpoint (an import or export): the requeued launch took M's
+    config.json again and restarted from iteration 0, ignoring the run's own iter_* in M (exit 0, work lost)."""
+    model = tmp_path / "model"
+    assert export.main(["--load", str(saved), "--output", str(model)]) == 0
+    flags = ["--load", str(model), "--save", str(model), "--save-interval", "1"]
+    assert pretrain_gpt_vision.main([*TINY, "--train-iters", "2", *flags]) == 0
+    t = Trainer(parse_training_config([*TINY, "--train-iters", "4", *flags]), build_device_mesh(), log=lambda m: None)
+    assert t.iteration == 2 and t.consumed_samples == 4
+
+
 def test_model_only_load_is_strict_unless_load_partial(tmp_path, capsys):
     """A 2-layer model-only checkpoint into a 3-layer run: refused; with --load-partial, layers 0-1 load and the
     tensors of layer 2 are listed as left initialised."""

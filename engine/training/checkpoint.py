@@ -95,6 +95,13 @@ def _iteration_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def holds_training_checkpoints(directory: str | Path) -> bool:
+    """Whether `directory` holds training checkpoints (`latest` or an `iter_*`): a model-only checkpoint folder
+    that a run also saves into (`--load M --save M`) is resumed from those on the next launch, not restarted."""
+    directory = Path(directory)
+    return (directory / LATEST).is_file() or bool(_checkpoint_dirs(directory))
+
+
 def _checkpoint_dirs(save_dir: Path) -> list[Path]:
     if not save_dir.is_dir():
         return []

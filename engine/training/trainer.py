@@ -337,7 +337,8 @@ class Trainer(TrainingLoop):
                 return
             raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
                                        "from scratch when it is missing)")
-        if (load / "config.json").is_file() and not (load / ckpt.RECORD).is_file():
+        if ((load / "config.json").is_file() and not (load / ckpt.RECORD).is_file()
+                and not ckpt.holds_training_checkpoints(load)):  # --load M --save M: a requeue resumes
             self._load_model_only_checkpoint(load)
             return
         path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
