@@ -332,6 +332,10 @@ def test_a_requeued_run_saving_into_its_model_only_load_folder_resumes(saved, tm
     assert pretrain_gpt_vision.main([*TINY, "--train-iters", "2", *flags]) == 0
     t = Trainer(parse_training_config([*TINY, "--train-iters", "4", *flags]), build_device_mesh(), log=lambda m: None)
     assert t.iteration == 2 and t.consumed_samples == 4
+    # Generation reads the trained weights there too, not the model-only ones M started from.
+    from engine.generation.loading import _is_model_checkpoint
+
+    assert not _is_model_checkpoint(model)
 
 
 def test_model_only_load_is_strict_unless_load_partial(tmp_path, capsys):

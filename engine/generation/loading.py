@@ -40,8 +40,10 @@ class LoadedCheckpoint:
 
 
 def _is_model_checkpoint(path: Path) -> bool:
+    from engine.training.checkpoint import holds_training_checkpoints
+
     config = path / "config.json"
-    if not config.is_file():
+    if not config.is_file() or holds_training_checkpoints(path):  # --load M --save M: the trained weights win
         return False
     try:
         data = json.loads(config.read_bytes().decode("utf-8"))
