@@ -526,3 +526,34 @@ def test_an_input_that_is_a_pipe_is_refused_without_reading_it(data, tmp_path, c
         f"error: --input {fifo}: not a regular file (inputs are read twice, to plan the shards and to build them: "
         "decompress to a file first)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["bytes-list", "path-outside", "absolute-segment", "no-sha256"])
+def test_a_re_signed_manifest_of_the_wrong_shape_is_one_line(text, tmp_path, capsys, case):
+    """manifest_sha256 is a self-checksum, so an edited manifest can be re-signed: 'bytes' as a list or no 'sha256'
+    were AttributeError/KeyError tracebacks, and a segment path outside the build (absolute, `..`) was read."""
+    from engine.data.manifest import serialize_manifest
+    from engine.data.shards import ShardReader
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text[1], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if case == "bytes-list":
+        manifest["bytes"] = []
+    elif case == "path-outside":
+        manifest["bytes"]["../outside.bin"] = 4
+    elif case == "absolute-segment":
+        manifest["embeddings"]["segments"] = [{"path": str(tmp_path / "outside.bin"), "rows": 1, "shard": 0}]
+    else:
+        del manifest["sha256"]
+    (copy / "manifest.json").write_bytes(serialize_manifest(manifest))
+    want = {"bytes-list": "'bytes' is not an object of file sizes", "no-sha256": "'sha256' is not an object of digests",
+            "path-outside": "file path '../outside.bin' is not inside the build directory",
+            "absolute-segment": f"file path '{tmp_path / 'outside.bin'}' is not inside the build directory"}[case]
+    capsys.readouterr()
+    assert factory.run_cli(["inspect", str(copy)]) == 2
+    assert _error_line(capsys.readouterr().err) == f"error: manifest.json: corrupt, {want}"
+    assert factory.run_cli(["verify", str(copy)]) == 1
+    assert f"FAULT: manifest.json: corrupt, {want}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="corrupt"):
+        ShardReader(copy)

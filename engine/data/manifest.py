@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -63,7 +63,46 @@ def check_manifest_bytes(data: bytes) -> dict:
     recorded = manifest.get("manifest_sha256")
     if not isinstance(recorded, str) or serialize_manifest(manifest) != data:
         raise ManifestError(f"{MANIFEST_NAME}: checksum mismatch (the file was modified or corrupted)")
+    problem = _structure_problem(manifest)
+    if problem:  # a hand-edited manifest, re-signed: its self-checksum proves nothing about its shape
+        raise ManifestError(f"{MANIFEST_NAME}: corrupt, {problem}")
     return manifest
+
+
+def _inside(path: object) -> bool:
+    """A relative path that stays inside the build directory."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        return False
+    pure = PurePosixPath(path)
+    return not pure.is_absolute() and ".." not in pure.parts
+
+
+def _structure_problem(manifest: dict) -> str | None:
+    """What makes a checksum-valid manifest unusable: the fields readers index, of the wrong type, or a file path
+    that leaves the build directory. None when sound."""
+    sizes, digests = manifest.get("bytes"), manifest.get("sha256")
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in sizes.values()):
+        return "'bytes' is not an object of file sizes"
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        return "'sha256' is not an object of digests"
+    for key, kind in (("shards", list), ("embeddings", dict), ("tokenizer", dict), ("counts", dict),
+                      ("seq_length", int), ("tokens_per_image", int)):
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} is missing or not a JSON {kind.__name__}"
+    paths = [*sizes, *digests, manifest["tokenizer"].get("dir")]
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict):
+            return "a 'shards' entry is not an object"
+        paths += [v for k, v in shard.items() if k not in ("counts", "index")]
+    segments = manifest["embeddings"].get("segments", [])
+    if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+        return "'embeddings.segments' is not a list of objects"
+    paths += [s.get("path") for s in segments]
+    if "index" in manifest["embeddings"]:
+        paths.append(manifest["embeddings"]["index"])
+    bad = next((p for p in paths if not _inside(p)), None)
+    return None if bad is None else f"file path {bad!r} is not inside the build directory"
 
 
 def load_manifest(path: str | Path, *, check_sha256: bool = True) -> dict:
