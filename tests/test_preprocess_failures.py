@@ -557,3 +557,22 @@ def test_a_re_signed_manifest_of_the_wrong_shape_is_one_line(text, tmp_path, cap
     assert f"FAULT: manifest.json: corrupt, {want}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="corrupt"):
         ShardReader(copy)
+
+
+def test_max_image_pixels_above_pils_own_limit_is_honoured():
+    """--max-image-pixels 300000000: a 15000 x 15000 image (225 M pixels) was still refused by PIL's own
+    decompression-bomb guard (2 x 89 M), with PIL's message about its limit instead of ours. Header-only PNG."""
+    import struct
+    import zlib
+
+    from engine.data.image_decode import ImageDecodeError, open_image_header
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+    with pytest.raises(ImageDecodeError, match="more than --max-image-pixels 64,000,000") as caught:
+        open_image_header(png, 64_000_000)
+    assert caught.value.reason == "image_too_large"
+    assert open_image_header(png, 300_000_000).size == (15000, 15000)

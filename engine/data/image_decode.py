@@ -62,6 +62,9 @@ def open_image_header(data: bytes, max_pixels: int | None):
 
     if len(data) == 0:
         raise ImageDecodeError("image_empty", "image file is empty (0 bytes)")
+    if max_pixels is not None:
+        # Our cap replaces PIL's own bomb guard (a warning at 89 M pixels, a refusal at 179 M, whatever the cap).
+        Image.MAX_IMAGE_PIXELS = None
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as error:  # noqa: BLE001 - every PIL failure is this image's problem
