@@ -576,3 +576,14 @@ def test_max_image_pixels_above_pils_own_limit_is_honoured():
         open_image_header(png, 64_000_000)
     assert caught.value.reason == "image_too_large"
     assert open_image_header(png, 300_000_000).size == (15000, 15000)
+
+
+def test_a_saved_tokenizer_config_nested_too_deeply_is_a_fault(text, tmp_path, capsys):
+    """load_saved_tokenizer let json's RecursionError through: verify (and every loader of a build's or a
+    checkpoint's tokenizer copy) ended in a traceback."""
+    copy = tmp_path / "copy"
+    shutil.copytree(text[1], copy)
+    (copy / "tokenizer" / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    capsys.readouterr()
+    assert factory.run_cli(["verify", str(copy)]) == 1
+    assert "tokenizer_config.json is not usable JSON (RecursionError)" in capsys.readouterr().err

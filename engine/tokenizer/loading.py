@@ -76,6 +76,8 @@ def load_saved_tokenizer(directory: str | Path) -> ChrysalisTokenizer:
         config = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerFormatError(f"{config_path} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # valid syntax json refuses: nesting, a huge integer
+        raise TokenizerFormatError(f"{config_path} is not usable JSON ({type(error).__name__})") from None
     if not isinstance(config, dict) or "type" not in config or "files" not in config:
         raise TokenizerFormatError(
             f"{config_path} was not written by ChrysalisTokenizer.save (no 'type'/'files')"
