@@ -511,8 +511,8 @@ def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tm
     capsys.readouterr()
     assert factory.run_cli(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert err == [f"error: --vision-encoder {encoder}: a pickle-format weight file holds more than tensors: "
-                   "refused by torch.load(weights_only=True), nothing in it ran"]
+    assert err == [(f"error: --vision-encoder {encoder}: a pickle-format weight file holds more than tensors: "
+                    "refused by torch.load(weights_only=True), nothing in it ran")]
     assert not marker.exists()
 
 
