@@ -123,6 +123,10 @@ def check_output_dir(output: str) -> None:
     if Path(output).exists() and not Path(output).is_dir():
         raise ValueError(f"--output {output} is a file: --output is the directory that results.jsonl and images/ "
                          "go into")
+    images = Path(output) / "images"
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        raise ValueError(f"--output {output}: {images} is a symbolic link or not a directory: refusing to write "
+                         "through it")
 
 
 def _inputs(args) -> list[PromptInput]:
@@ -245,8 +249,12 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
                   visualizer=None) -> None:
     """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/ (`visualizer`: the
     loaded --visualizer, else it is loaded here)."""
+    import io
+
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from engine.data.atomic import real_subdir, write_file_inside
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"sample_{i:05d}.image_{j}": image.contiguous()
@@ -257,25 +265,30 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
 
         print(f"rendering {len(tensors)} picture(s) with {args.visualizer} ...", flush=True)
         visualizer = visualizer or Visualizer.load(args.visualizer, device=args.device)
-        (out / "images").mkdir(exist_ok=True)
+        real_subdir(out, "images")
         keys = list(tensors)
         images = visualizer.render(torch.stack([tensors[k] for k in keys]), guidance_scale=args.guidance_scale,
                                    num_inference_steps=args.render_steps, size=args.render_size, seed=args.seed)
         for key, image in zip(keys, images):
             name = f"images/{key}.png"
-            image.save(out / name)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            write_file_inside(out / name, png.getvalue())
             rendered[key] = name
-    save_file(tensors, str(out / "visual_tokens.safetensors"),
-              metadata={"format": "chrysalis-visual-tokens", "row_shape": "[64, 1152]", "norm": "l2"})
-    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
-        for i, (item, result) in enumerate(zip(inputs, results)):
-            keys = [f"sample_{i:05d}.image_{j}" for j in range(len(result.images))]
-            f.write(json.dumps({
-                "index": i, "prompt": item.prompt, "images": item.images,
-                "text": tokenizer.decode(result.token_ids), "token_ids": result.token_ids,
-                "visual_tokens": keys, "rendered": [rendered[k] for k in keys if k in rendered],
-                "finish_reason": result.finish_reason, "new_tokens": result.new_positions,
-            }, ensure_ascii=False) + "\n")
+    # Every file goes through a new temporary file and a rename: a symlink planted at a result's name is
+    # replaced, never followed, so nothing outside --output is written.
+    write_file_inside(out / "visual_tokens.safetensors", save(
+        tensors, metadata={"format": "chrysalis-visual-tokens", "row_shape": "[64, 1152]", "norm": "l2"}))
+    lines = []
+    for i, (item, result) in enumerate(zip(inputs, results)):
+        keys = [f"sample_{i:05d}.image_{j}" for j in range(len(result.images))]
+        lines.append(json.dumps({
+            "index": i, "prompt": item.prompt, "images": item.images,
+            "text": tokenizer.decode(result.token_ids), "token_ids": result.token_ids,
+            "visual_tokens": keys, "rendered": [rendered[k] for k in keys if k in rendered],
+            "finish_reason": result.finish_reason, "new_tokens": result.new_positions,
+        }, ensure_ascii=False) + "\n")
+    write_file_inside(out / "results.jsonl", "".join(lines).encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,3 +239,36 @@ def test_cli_from_a_training_checkpoint(tmp_path):
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert row["new_tokens"] >= 1 and row["finish_reason"] in ("stop", "length")
     assert isinstance(row["text"], str)
+
+
+def test_outputs_never_follow_symlinks_planted_in_output(checkpoint, tmp_path, capsys):
+    """A symlink planted at a result's name is replaced, never written through (results.jsonl, the visual tokens
+    and each PNG went through it and overwrote the target); an images/ link is refused before any work."""
+    ckpt, viz, batch = checkpoint
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = {name: outside / name for name in ("results.jsonl", "visual_tokens.safetensors", "sample.png")}
+    for victim in victims.values():
+        victim.write_text("keep me")
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "results.jsonl").symlink_to(victims["results.jsonl"])
+    (out / "visual_tokens.safetensors").symlink_to(victims["visual_tokens.safetensors"])
+    (out / "images" / "sample_00001.image_0.png").symlink_to(victims["sample.png"])
+    assert generate.main(["--load", str(ckpt), "--batch-file", str(batch), "--max-new-tokens", "100",
+                          "--visualizer", str(viz), "--render-steps", "1", "--render-size", "16",
+                          "--output", str(out)]) == 0
+    assert all(victim.read_text() == "keep me" for victim in victims.values())
+    for name in ("results.jsonl", "visual_tokens.safetensors", "images/sample_00001.image_0.png"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 100, name
+    assert len(read_results(out)[0]) == 3
+    assert not list(out.glob(".*.tmp")) and not list((out / "images").glob(".*.tmp"))
+    capsys.readouterr()
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "images").symlink_to(outside, target_is_directory=True)
+    assert generate.main(["--load", str(ckpt), "--prompt", "x", "--output", str(linked)]) == 1
+    captured = capsys.readouterr()
+    assert "is a symbolic link or not a directory" in captured.err and "generating" not in captured.out
+    assert sorted(p.name for p in outside.iterdir()) == sorted(v.name for v in victims.values())

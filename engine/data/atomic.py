@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,29 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     with naming(tmp), open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
     replace_atomic(tmp, path)
+
+
+def write_file_inside(path: str | Path, data: bytes) -> None:
+    """Writes `data` to `path` through a new temporary file in the same folder (created exclusively, so nothing
+    planted there is followed) and a rename: a symlink or file already at `path` is replaced, never written
+    through, and `path` only ever names a complete file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with naming(path), os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def real_subdir(parent: str | Path, name: str) -> Path:
+    """`parent/name` as a real directory (created if missing); a symlink there is refused, so files written
+    under it cannot land outside `parent`."""
+    path = Path(parent) / name
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ValueError(f"{path} is a symbolic link or not a directory: refusing to write through it (remove it "
+                         "or choose another --output)")
+    path.mkdir(exist_ok=True)
+    return path

@@ -246,8 +246,13 @@ def run(args: argparse.Namespace) -> int:
     if any(item.images for item in inputs):
         encoder = build_prompt_encoder(renderer.vision_encoder, args.vision_encoder, device)
     tokens = [encode_images(item.images, encoder) if item.images else None for item in inputs]
+    import io
+
+    from engine.data.atomic import real_subdir, write_file_inside
+
     out = Path(args.output)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    real_subdir(out, "images")
     print(f"rendering {len(inputs)} image(s), {args.steps} steps, guidance {args.guidance_scale} ...", flush=True)
     names = []
     for start in range(0, len(inputs), args.batch_size):
@@ -260,14 +265,15 @@ def run(args: argparse.Namespace) -> int:
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [3, S, S] -> [S, S, 3]
             from PIL import Image
 
-            Image.fromarray(array).save(out / name)
+            png = io.BytesIO()
+            Image.fromarray(array).save(png, format="PNG")
+            write_file_inside(out / name, png.getvalue())  # a symlink planted there is replaced, not followed
             names.append(name)
-    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
-        for i, (item, name) in enumerate(zip(inputs, names)):
-            f.write(json.dumps({"index": i, "prompt": item.prompt, "images": item.images, "image": name,
-                                "seed": args.seed, "guidance_scale": args.guidance_scale,
-                                "image_guidance_scale": args.image_guidance_scale, "steps": args.steps},
-                               ensure_ascii=False) + "\n")
+    lines = [json.dumps({"index": i, "prompt": item.prompt, "images": item.images, "image": name,
+                         "seed": args.seed, "guidance_scale": args.guidance_scale,
+                         "image_guidance_scale": args.image_guidance_scale, "steps": args.steps},
+                        ensure_ascii=False) + "\n" for i, (item, name) in enumerate(zip(inputs, names))]
+    write_file_inside(out / "results.jsonl", "".join(lines).encode("utf-8"))
     print(f"wrote {len(names)} image(s) under {(out / 'images').resolve()} and {(out / 'results.jsonl').resolve()}")
     return 0
 
