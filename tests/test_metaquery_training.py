@@ -340,6 +340,20 @@ def test_a_checkpoint_of_the_other_kind_is_named_with_the_command_that_takes_it(
     assert generate.main(["--load", str(save), "--prompt", "a cat", "--output", str(tmp_path / "g1")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a MetaQuery checkpoint" in err[0] and "--recipe metaquery" in err[0], err
+    # VPiT training and export given it: one line too (an 11-line list of unknown fields and mismatches before)
+    from engine.training import export
+
+    vpit = ["--mock-data", "--mock-data-sequences", "8", "--num-layers", "2", "--hidden-size", "32",
+            "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
+            "--micro-batch-size", "1", "--global-batch-size", "1", "--num-workers", "0", "--train-iters", "1",
+            "--save", str(tmp_path / "v"), "--load", str(save)]
+    assert pretrain_gpt_vision.main(vpit) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "is a MetaQuery checkpoint" in err[0] and "VPiT training cannot use it" in err[0], err
+    assert export.main(["--load", str(save), "--output", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a MetaQuery checkpoint" in err[0], err
+    assert not (tmp_path / "e").exists()
     args = _train_args(world, tmp_path / "x", "--train-iters", "1")
     args[args.index("--llm") + 1] = str(save)
     assert pretrain_gpt_vision.main(args) == 1

@@ -32,6 +32,7 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
 
     dtype = dtype or torch.float32
     path, record = ckpt.open_for_reading(load)
+    ckpt.refuse_metaquery_record(path, record, "a VPiT model loader (export, generation)")
     try:
         config = ModelConfig.from_dict(record["model"])
     except (TypeError, ValueError) as err:

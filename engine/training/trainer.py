@@ -349,6 +349,7 @@ class Trainer(TrainingLoop):
             raise ckpt.CheckpointError(f"--load {load} holds no checkpoint (pass --load-if-exists to start from "
                                        "scratch when there is none yet)")
         record = ckpt.read_record(path)
+        ckpt.refuse_metaquery_record(path, record, "VPiT training")
         saved_stage = record.get("config", {}).get("stage") if isinstance(record.get("config"), dict) else None
         weights_only = bool(c.checkpoint.finetune or saved_stage != c.stage)
         mismatches = ckpt.model_config_mismatches(record["model"], self.model_config, str(path))
