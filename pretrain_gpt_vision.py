@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training import TooManySkippedSteps, Trainer, build_device_mesh
 
     try:
-        info = build_device_mesh(parallel=config.parallel_config())
+        info = build_device_mesh(timeout_s=60 * config.distributed_timeout_minutes, parallel=config.parallel_config())
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

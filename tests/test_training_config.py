@@ -208,3 +208,43 @@ def test_pipeline_flags_need_pp_and_sequence_parallel_is_dropped_at_tp1():
     assert config.parallel_config().sequence_parallel is False
     tp2 = parse_training_config(["--mock-data", "--sequence-parallel", "--tensor-model-parallel-size", "2"])
     assert tp2.parallel_config().sequence_parallel is True
+
+
+def test_distributed_timeout_minutes_reaches_the_process_group(monkeypatch, capsys):
+    """Megatron-LM's --distributed-timeout-minutes (it was refused as unsupported): parsed, validated, shown under
+    "distributed" in --help, and handed to the process group by both recipes' entry points."""
+    import pretrain_gpt_vision
+    from engine.training import parallel
+
+    assert parse_training_config(["--mock-data"]).distributed_timeout_minutes == 10.0  # Megatron's default
+    assert parse_training_config(["--mock-data", "--distributed-timeout-minutes", "45"]).distributed_timeout_minutes == 45
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ValueError, match="--distributed-timeout-minutes must be a positive number"):
+            parse_training_config(["--mock-data", "--distributed-timeout-minutes", bad])
+    seen = []
+
+    def fake_mesh(timeout_s=600.0, parallel=None):
+        seen.append(timeout_s)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(parallel, "build_device_mesh", fake_mesh)
+    monkeypatch.setattr("engine.training.build_device_mesh", fake_mesh, raising=False)
+    assert pretrain_gpt_vision.main(["--mock-data", "--distributed-timeout-minutes", "3"]) == 1
+    assert pretrain_gpt_vision.main(["--recipe", "metaquery", "--mock-data", "--decoder", "DEC", "--llm", "LLM",
+                                     "--distributed-timeout-minutes", "2.5"]) == 1  # nothing is read before the mesh
+    assert capsys.readouterr().err.count("error: stop here") == 2
+    assert seen == [180.0, 150.0]
+    assert "--distributed-timeout-minutes" in pretrain_gpt_vision_help()
+
+
+def pretrain_gpt_vision_help() -> str:
+    import contextlib
+    import io
+
+    import pretrain_gpt_vision
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        pretrain_gpt_vision.main(["--help"])
+    text = out.getvalue()
+    return text[text.index("distributed:"):]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +167,7 @@ class TrainingConfig:
     global_batch_size: int | None = None
     train_iters: int = 100
     exit_interval: int | None = None
+    distributed_timeout_minutes: float = 10.0
     seed: int = 1234
     stage: int = 2
     stage1_train_visual_head: bool = False
@@ -330,6 +332,9 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--global-batch-size": ("", "global_batch_size", int, "default: micro-batch x data-parallel size"),
     "--train-iters": ("", "train_iters", int, "length of the run (and of the LR schedule)"),
     "--exit-interval": ("", "exit_interval", int, "save and exit when iteration %% N == 0"),
+    "--distributed-timeout-minutes": ("", "distributed_timeout_minutes", float,
+                                      "how long a collective may wait for the other ranks before the process group "
+                                      "fails (Megatron-LM's flag and default)"),
     "--seed": ("", "seed", int, "initialisation and data order"),
     "--stage": ("", "stage", int, "1: projector + new token rows; 2: everything"),
     "--stage1-train-visual-head": ("", "stage1_train_visual_head", bool, "also train the visual head in stage 1"),
@@ -475,6 +480,9 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
         # Megatron-core refuses full recompute without a layer count too; here it silently recomputed nothing.
         raise ValueError("--recompute-granularity full needs --recompute-num-layers N (the first N blocks; -1 = "
                          "every block)")
+    timeout = sections[""].get("distributed_timeout_minutes", 10.0)
+    if not (math.isfinite(timeout) and timeout > 0):  # checked here: the process group is made before validate()
+        raise ValueError(f"--distributed-timeout-minutes must be a positive number, got {timeout}")
     if not args.model_preset and args.num_layers is None:
         args.model_preset = "tiny" if sections["data"].get("mock_data") else None
     model = model_config_from_args(args).replace(**sections.pop("model"))

@@ -128,7 +128,6 @@ UNSUPPORTED: dict[str, str] = {
     "--end-weight-decay": "--weight-decay (constant)",
     "--weight-decay-incr-style": "--weight-decay (constant)",
     "--tensorboard-log-interval": "--log-interval (TensorBoard gets every logged step)",
-    "--distributed-timeout-minutes": "nothing yet (torch's default process-group timeout)",
     "--micro-batch-size-per-gpu": "--micro-batch-size",
     "--cross-entropy-loss-fusion": "--fused-linear-cross-entropy (LM head + cross-entropy in one Triton kernel)",
     "--apply-layernorm-1p": "nothing: RMSNorm weights are used as stored (LLaMA)",
@@ -151,7 +150,8 @@ ACCEPTED_GROUP = "Megatron-LM flags accepted because Chrysalis always does this 
 SECTION_GROUPS = {"data": "data and dataloader", "optimizer": "learning rate and optimizer",
                   "checkpoint": "checkpointing", "logging": "logging and validation"}
 _DISTRIBUTED = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
-                "sequence_parallel", "pipeline_layer_split", "data_parallel_sharding", "use_distributed_optimizer"}
+                "sequence_parallel", "pipeline_layer_split", "data_parallel_sharding", "use_distributed_optimizer",
+                "distributed_timeout_minutes"}
 _PRECISION = {"bf16", "fp16", "accumulate_allreduce_grads_in_fp32"}
 GROUP_ORDER = ["training", "data and dataloader", "learning rate and optimizer", "checkpointing",
                "logging and validation", "distributed", "mixed precision", "memory and speed"]
