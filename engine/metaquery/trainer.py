@@ -16,7 +16,6 @@ gradients as one process (up to float summation order). Each micro-batch backpro
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -209,26 +208,16 @@ class MetaQueryTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------------------------------- resume / save
     def _resume(self) -> None:
-        c = self.config
         self.run_id = ckpt.new_run_id()
-        if not c.checkpoint.load:
+        load = self._load_directory()
+        if load is None:
             return
-        load = Path(c.checkpoint.load)
-        if not load.exists():
-            if c.checkpoint.load_if_exists:
-                self._log(f"--load {load} does not exist: starting from scratch (--load-if-exists)")
-                return
-            raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
-                                       "from scratch when it is missing)")
         if (load / "config.json").is_file() and not (load / ckpt.RECORD).is_file():
             raise ckpt.CheckpointError(f"--load {load} is a model-only Chrysalis checkpoint, not a MetaQuery training "
                                        "checkpoint: give a frozen LLM as --llm PATH")
-        path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
+        path = self._checkpoint_to_resume(load)
         if path is None:
-            if c.checkpoint.load_if_exists:
-                self._log(f"no checkpoint in {load}: starting from scratch (--load-if-exists)")
-                return
-            raise ckpt.CheckpointError(f"--load {load} holds no checkpoint")
+            return
         record = ckpt.read_record(path)
         if record.get("recipe") != RECIPE:
             raise ckpt.CheckpointError(f"--load {path} is not a MetaQuery checkpoint (a VPiT one?): a VPiT model is "
@@ -275,19 +264,6 @@ class MetaQueryTrainer(TrainingLoop):
                                     log=self._log)
 
     # ------------------------------------------------------------------------------------------- steps
-    def _autocast(self):
-        if self.config.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _gradient_sync(self, enabled: bool):
-        """No gradient reduction on all but the last micro-batch of a step."""
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext() if enabled else self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(enabled)
-        return contextlib.nullcontext()
-
     def _latents(self, batch) -> torch.Tensor:
         return self.latent_store.scaled(batch.latents, batch.posterior_noise)
 

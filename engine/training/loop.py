@@ -8,9 +8,11 @@ non-finite steps (abort). A recipe provides `train_step`, `evaluate`, `save`, `_
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ class TooManySkippedSteps(RuntimeError):
 class TrainingLoop:
     """Mixin: `train()` over a recipe's `train_step`. Expects `config` (a `TrainingConfig`), `info` (a
     `ParallelInfo`), `device`, `metrics`, `iteration`, `consumed_samples`, `global_batch_size`,
-    `num_micro_batches`, `consecutive_skipped`, `skipped_total`, `train_samples`, `_stop_requested`."""
+    `num_micro_batches`, `consecutive_skipped`, `skipped_total`, `train_samples`, `_stop_requested`, `model`,
+    `_log`."""
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _start_message(self) -> str:
@@ -38,6 +41,52 @@ class TrainingLoop:
     def _progress(self, record: dict[str, Any], step_s: float) -> None:
         """The progress line(s) of a logged step."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ --load
+    def _checkpoint_to_resume(self, load: Path) -> Path | None:
+        """The checkpoint under an existing `--load` directory to resume from (`find_resumable`); None when it
+        holds none and --load-if-exists allows starting from scratch, else CheckpointError."""
+        from engine.training import checkpoint as ckpt
+
+        c = self.config.checkpoint
+        path = ckpt.find_resumable(load, verify=c.verify, info=self.info, log=self._log)
+        if path is None:
+            if not c.load_if_exists:
+                raise ckpt.CheckpointError(f"--load {load} holds no checkpoint (pass --load-if-exists to start from "
+                                           "scratch when there is none yet)")
+            self._log(f"no checkpoint in {load}: starting from scratch (--load-if-exists)")
+        return path
+
+    def _load_directory(self) -> Path | None:
+        """--load as a Path; None when there is nothing to load (no --load, or a missing one with
+        --load-if-exists), CheckpointError for a missing one without it."""
+        from engine.training import checkpoint as ckpt
+
+        c = self.config.checkpoint
+        if not c.load:
+            return None
+        load = Path(c.load)
+        if load.exists():
+            return load
+        if not c.load_if_exists:
+            raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
+                                       "from scratch when it is missing)")
+        self._log(f"--load {load} does not exist: starting from scratch (--load-if-exists)")
+        return None
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.config.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _gradient_sync(self, enabled: bool):
+        """No gradient reduction on all but the last micro-batch of a step."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if enabled else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------------ signals
     def _on_exit_signal(self, signum, frame) -> None:

@@ -11,7 +11,6 @@ the same G therefore compute the same loss and gradients, up to float summation 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,7 +31,7 @@ from engine.training.data import (
     open_shards,
     padded_vocab_size,
 )
-from engine.training.loop import TooManySkippedSteps, TrainingLoop
+from engine.training.loop import TrainingLoop
 from engine.training.metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_gib
 from engine.training.optim import NewRowGradientMask, WarmupDecaySchedule, apply_stage, build_optimizer, clean_name
 from engine.training.parallel import ParallelInfo, all_reduce_sum, parallelize, unwrap
@@ -328,26 +327,16 @@ class Trainer(TrainingLoop):
         model-only checkpoint). The recorded model config must match this run's (each differing field is named)."""
         c = self.config
         self.run_id = ckpt.new_run_id()
-        if not c.checkpoint.load:
+        load = self._load_directory()
+        if load is None:
             return
-        load = Path(c.checkpoint.load)
-        if not load.exists():
-            if c.checkpoint.load_if_exists:
-                self._log(f"--load {load} does not exist: starting from scratch (--load-if-exists)")
-                return
-            raise ckpt.CheckpointError(f"--load {load}: no such file or directory (pass --load-if-exists to start "
-                                       "from scratch when it is missing)")
         if ((load / "config.json").is_file() and not (load / ckpt.RECORD).is_file()
                 and not ckpt.holds_training_checkpoints(load)):  # --load M --save M: a requeue resumes
             self._load_model_only_checkpoint(load)
             return
-        path = ckpt.find_resumable(load, verify=c.checkpoint.verify, info=self.info, log=self._log)
+        path = self._checkpoint_to_resume(load)
         if path is None:
-            if c.checkpoint.load_if_exists:
-                self._log(f"no checkpoint in {load}: starting from scratch (--load-if-exists)")
-                return
-            raise ckpt.CheckpointError(f"--load {load} holds no checkpoint (pass --load-if-exists to start from "
-                                       "scratch when there is none yet)")
+            return
         record = ckpt.read_record(path)
         ckpt.refuse_metaquery_record(path, record, "VPiT training")
         saved_stage = record.get("config", {}).get("stage") if isinstance(record.get("config"), dict) else None
@@ -413,19 +402,6 @@ class Trainer(TrainingLoop):
         self._log(f"loaded model weights from the model checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- steps
-    def _autocast(self):
-        if self.config.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _gradient_sync(self, enabled: bool):
-        """No gradient reduction on all but the last micro-batch of a step."""
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext() if enabled else self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(enabled)
-        return contextlib.nullcontext()
-
     def forward_backward_step(self, batch: Batch, text_targets: float, visual_targets: float,
                               sync_gradients: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one micro-batch, normalised by the global target counts.
