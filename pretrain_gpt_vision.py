@@ -56,32 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _say(f"starting: {world} process(es); importing torch and the model code ...")
-    import torch.distributed as dist
+    from engine.training import TooManySkippedSteps, Trainer
+    from engine.training.loop import run_training
 
-    from engine.training import TooManySkippedSteps, Trainer, build_device_mesh
-
-    try:
-        info = build_device_mesh(timeout_s=60 * config.distributed_timeout_minutes, parallel=config.parallel_config())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    code = 0
-    try:
+    def build_trainer(info):
         _say(f"building the model and opening the data (TP {config.tensor_model_parallel_size} x PP "
              f"{config.pipeline_model_parallel_size}; {time.perf_counter() - start:.1f} s so far) ...")
         trainer = Trainer(config, info)
         _say(f"ready after {time.perf_counter() - start:.1f} s; training ...")
-        trainer.train()
-    except (ValueError, TooManySkippedSteps) as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 1
-    if dist.is_initialized():
-        # Tearing down the DDP reducer / gloo process group at exit occasionally hangs (torch 2.13 CPU, seen once
-        # in ~20 runs); the checkpoint and logs are on disk, so leave without running destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+        return trainer
+
+    return run_training(config, build_trainer, errors=(ValueError, TooManySkippedSteps))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from engine.metaquery.config import MetaQueryConfig
 from engine.training import checkpoint as ckpt
 from engine.training.config import TrainingConfig
-from engine.training.loop import TooManySkippedSteps, TrainingLoop
+from engine.training.loop import TooManySkippedSteps, TrainingLoop, run_training
 from engine.training.parallel import ParallelInfo, all_reduce_sum
 
 RECIPE = "metaquery"
@@ -350,7 +350,6 @@ class MetaQueryTrainer(TrainingLoop):
 def main(argv: list[str]) -> int:
     """`pretrain_gpt_vision.py --recipe metaquery ...` (argv without the recipe flag). Exit status as the VPiT
     entry point: 0 done / exit interval / signal; 1 on a configuration error or too many non-finite steps."""
-    import os
     import sys
 
     from engine.metaquery.config import parse_metaquery_config
@@ -360,21 +359,5 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    from engine.training.parallel import build_device_mesh
-
-    try:
-        info = build_device_mesh(timeout_s=60 * config.distributed_timeout_minutes, parallel=config.parallel_config())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    code = 0
-    try:
-        MetaQueryTrainer(config, mq, info).train()
-    except (ValueError, OSError, TooManySkippedSteps) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        code = 1
-    if dist.is_initialized():  # as pretrain_gpt_vision.py: leave without gloo teardown (rare exit hangs)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return run_training(config, lambda info: MetaQueryTrainer(config, mq, info),
+                        errors=(ValueError, OSError, TooManySkippedSteps))  # CheckpointError is a ValueError

@@ -23,6 +23,34 @@ class TooManySkippedSteps(RuntimeError):
     """More consecutive non-finite steps than `--max-skipped-steps`."""
 
 
+def run_training(config, build_trainer, errors: tuple[type[BaseException], ...]) -> int:
+    """The command-line run of either recipe: the process group and mesh (`--distributed-timeout-minutes`), then
+    `build_trainer(info).train()`. An exception of `errors` is one `error:` line and exit status 1. Under torchrun
+    the process leaves with `os._exit` once its output is flushed: tearing down the DDP reducer / gloo process group
+    at exit occasionally hangs (torch 2.13 CPU, seen once in ~20 runs), and the checkpoint and logs are on disk."""
+    import os
+    import sys
+
+    from engine.training.parallel import build_device_mesh
+
+    try:
+        info = build_device_mesh(timeout_s=60 * config.distributed_timeout_minutes, parallel=config.parallel_config())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    code = 0
+    try:
+        build_trainer(info).train()
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 class TrainingLoop:
     """Mixin: `train()` over a recipe's `train_step`. Expects `config` (a `TrainingConfig`), `info` (a
     `ParallelInfo`), `device`, `metrics`, `iteration`, `consumed_samples`, `global_batch_size`,
