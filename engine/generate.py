@@ -33,16 +33,26 @@ if TYPE_CHECKING:  # torch and the model are imported after argument parsing: `-
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # names of torch dtypes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
+def generation_parser(prog: str, description: str | None, *, load_help: str,
+                      image_help: str) -> argparse.ArgumentParser:
+    """The options both recipes' generation start with: the checkpoint, the prompts (`--prompt` with its
+    `--image`s and `--system`, or a `--batch-file`; read by `read_inputs`) and `--output`."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, metavar="CKPT", help="model-only checkpoint or training --save directory")
+    p.add_argument("--load", required=True, metavar="CKPT", help=load_help)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (the user turn); `<image>` marks where each --image goes")
     source.add_argument("--batch-file", metavar="JSONL", help='one {"prompt": ..., "images": [...]} per line')
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for --prompt (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help=image_help)
     p.add_argument("--system", default=None, help="system message for --prompt")
     p.add_argument("--output", required=True, metavar="OUT")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = generation_parser("python -m engine.generate", __doc__,
+                          load_help="model-only checkpoint or training --save directory",
+                          image_help="an image for --prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="generated positions per sample (visual tokens count; a started image is always finished)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -118,6 +128,21 @@ def validate_args(args: argparse.Namespace) -> None:
     check_output_dir(args.output)
 
 
+def resolve_device(value: str | None) -> torch.device:
+    """`--device` (default: cuda when available, else cpu); an unknown name, or cuda on a machine without a GPU, is
+    a ValueError naming the flag (an AssertionError traceback from torch before)."""
+    import torch
+
+    try:
+        device = torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {value}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {value}: no CUDA device is available here (torch {torch.__version__}); "
+                         "leave --device out or use --device cpu")
+    return device
+
+
 def check_output_dir(output: str) -> None:
     """--output is a directory; a file there is refused before any work (it failed after generation)."""
     if Path(output).exists() and not Path(output).is_dir():
@@ -129,7 +154,9 @@ def check_output_dir(output: str) -> None:
                          "through it")
 
 
-def _inputs(args) -> list[PromptInput]:
+def read_inputs(args) -> list[PromptInput]:
+    """The prompts of a `generation_parser` command line: the batch file's (UTF-8 checked, with its line and
+    column named), or the one `--prompt` with its `--image`s and `--system`."""
     from engine.generation import PromptInput, read_batch_file
 
     if args.batch_file:
@@ -155,13 +182,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from engine.tokenizer import stop_token_ids
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise ValueError(f"--device {args.device}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}); "
-                         "leave --device out or use --device cpu")
+    device = resolve_device(args.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
@@ -170,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    inputs = _inputs(args)
+    inputs = read_inputs(args)
     mesh, rank = _setup_tensor_parallel(args.tensor_model_parallel_size, device)
     visualizer = _load_visualizer(args, device) if args.visualizer and rank == 0 else None  # its errors come first
 

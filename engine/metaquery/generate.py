@@ -186,15 +186,11 @@ def load_renderer(load: str | Path, *, device: torch.device | str = "cpu", dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.generate --recipe metaquery", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, metavar="CKPT", help="a MetaQuery training --save directory (or iter_*)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt (the user turn); `<image>` marks where each --image goes")
-    source.add_argument("--batch-file", metavar="JSONL", help='one {"prompt": ..., "images": [...]} per line')
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="a source image for --prompt")
-    p.add_argument("--system", default=None, help="system message for --prompt")
-    p.add_argument("--output", required=True, metavar="OUT")
+    from engine.generate import generation_parser
+
+    p = generation_parser("python -m engine.generate --recipe metaquery", __doc__,
+                          load_help="a MetaQuery training --save directory (or iter_*)",
+                          image_help="a source image for --prompt")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance (default: 3.0, the reference's eval)")
     p.add_argument("--image-guidance-scale", type=float, default=1.5,
                    help="source-image guidance for prompts with images (default: 1.5, the reference's; <= 1 turns it off)")
@@ -216,11 +212,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from engine.generation.loading import build_prompt_encoder
-    from engine.generation.prompts import PromptInput, encode_images, read_batch_file
+    from engine.generation.prompts import encode_images
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
-    from engine.generate import check_output_dir
+    from engine.generate import check_output_dir, read_inputs, resolve_device
 
     check_output_dir(args.output)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would render the same images into the same files
@@ -228,18 +224,10 @@ def run(args: argparse.Namespace) -> int:
                          "python -m engine.generate, not torchrun")
     if not (math.isfinite(args.guidance_scale) and math.isfinite(args.image_guidance_scale)):
         raise ValueError("--guidance-scale and --image-guidance-scale must be finite")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}); "
-                         "leave --device out or use --device cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda"
                                                                      else torch.float32)
-    if args.batch_file:
-        if args.image or args.system:
-            raise ValueError("--image and --system go with --prompt; put images in the batch file's 'images'")
-        inputs = read_batch_file(args.batch_file)
-    else:
-        inputs = [PromptInput(args.prompt, list(args.image), args.system)]
+    inputs = read_inputs(args)
     print(f"loading {args.load} on {device} ...", flush=True)
     renderer = load_renderer(args.load, device=device, dtype=dtype, llm=args.llm, decoder=args.decoder)
     encoder = None
