@@ -32,6 +32,36 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+def json_refusal(err: Exception) -> str:
+    """What json refused in syntactically valid text, in a few words (nesting, an integer of 5,000 digits)."""
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`; CheckpointError, one line naming the file, for anything else (missing, unreadable,
+    not UTF-8, not JSON, JSON that json refuses)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not usable JSON ({json_refusal(err)})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """`read_json` of a file that must hold a JSON object."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -119,17 +149,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a Chrysalis checkpoint: {path} is missing "
                               "(an interrupted save leaves no config.json)")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, a huge integer
-        what = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
-        raise CheckpointError(f"{path} is not usable JSON ({what})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format is {config.get('format')!r}, expected {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:

@@ -64,6 +64,7 @@ from engine.checkpoint_io import (
     check_state_dict,
     load_model_checkpoint,
     load_tensors,
+    read_json_object,
     save_model_checkpoint,
     save_tensors_atomic,
 )
@@ -188,29 +189,12 @@ def hf_config_from_model(config: ModelConfig, vocab: dict[str, int]) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------ HF files
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; CheckpointError (one line naming the file) for anything else."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (ValueError, RecursionError) as err:  # nesting or an integer json refuses
-        raise CheckpointError(f"{path} is not usable JSON ({type(err).__name__})") from None
-    except OSError as err:
-        raise CheckpointError(f"{path} cannot be read ({err.strerror})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
 def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Reads a single-file or sharded (`model.safetensors.index.json`) safetensors checkpoint."""
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        weight_map = _read_json_object(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map tensor names to "
                                   "shard file names)")
@@ -269,7 +253,7 @@ def hf_to_chrysalis(hf_dir: str | Path, output: str | Path | None = None, *, mak
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} is missing")
-    hf = _read_json_object(config_path)
+    hf = read_json_object(config_path)
     hf_state = read_hf_state_dict(hf_dir)
     try:
         config, vocab, real_vocab, vocab_size = _config_from_hf(hf, config_path, make_vocab_size_divisible_by)

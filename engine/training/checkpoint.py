@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.checkpoint_io import CheckpointError, atomic_write_text, sha256_file
+from engine.checkpoint_io import CheckpointError, atomic_write_text, json_refusal, read_json, sha256_file
 from engine.training import vocab_padding
 from engine.training.parallel import ParallelInfo
 
@@ -531,7 +531,7 @@ def _load_record(path: Path) -> tuple[dict | None, str | None]:
     except json.JSONDecodeError as err:
         return None, f"{record_path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
     except (ValueError, RecursionError) as err:  # valid syntax json refuses: nesting, an integer of 5,000 digits
-        return None, f"{record_path} is not usable JSON ({_json_refusal(err)})"
+        return None, f"{record_path} is not usable JSON ({json_refusal(err)})"
     except OSError as err:
         return None, f"{record_path} cannot be read ({err.strerror})"
     problem = _record_problem(record, record_path)
@@ -764,7 +764,7 @@ def _tensor_problems(expected: dict[str, Any], stored: dict[str, tuple[int, ...]
 
 
 def _saved_state(path: Path) -> dict[str, Any]:
-    state = _read_json(path / STATE)
+    state = read_json(path / STATE)
     if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict) \
             or not isinstance(state.get("optimizer_items"), dict):
         raise CheckpointError(f"{path / STATE}: expected an object with 'trainer' and 'optimizer_items'")
@@ -855,7 +855,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     set_model_and_optimizer_state(model, optimizer, state["model"], {**state["optimizer"], **items})
     rng_file = path / RNG_DIR / f"rank_{info.rank:05d}.json"
     if rng_file.is_file():
-        rng = _read_json(rng_file)
+        rng = read_json(rng_file)
         try:
             set_rng_state(rng)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -863,22 +863,6 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     return saved_state["trainer"]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not valid UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path} is not usable JSON ({_json_refusal(err)})") from None
-
-
-def _json_refusal(err: Exception) -> str:
-    """What json refused in syntactically valid text, in a few words."""
-    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
