@@ -270,12 +270,10 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
                   visualizer=None) -> None:
     """results.jsonl, visual_tokens.safetensors and, with --visualizer, PNGs under images/ (`visualizer`: the
     loaded --visualizer, else it is loaded here)."""
-    import io
-
     import torch
     from safetensors.torch import save
 
-    from engine.data.atomic import real_subdir, write_file_inside
+    from engine.data.atomic import real_subdir, write_file_inside, write_png_inside
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"sample_{i:05d}.image_{j}": image.contiguous()
@@ -292,9 +290,7 @@ def write_outputs(out: Path, inputs: list[PromptInput], results: list[Generation
                                    num_inference_steps=args.render_steps, size=args.render_size, seed=args.seed)
         for key, image in zip(keys, images):
             name = f"images/{key}.png"
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            write_file_inside(out / name, png.getvalue())
+            write_png_inside(image, out / name)
             rendered[key] = name
     # Every file goes through a new temporary file and a rename: a symlink planted at a result's name is
     # replaced, never followed, so nothing outside --output is written.

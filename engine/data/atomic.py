@@ -58,6 +58,15 @@ def write_file_inside(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_png_inside(image, path: str | Path) -> None:
+    """A PIL image as a PNG at `path`, through `write_file_inside` (a symlink planted at `path` is replaced)."""
+    import io
+
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    write_file_inside(path, png.getvalue())
+
+
 def real_subdir(parent: str | Path, name: str) -> Path:
     """`parent/name` as a real directory (created if missing); a symlink there is refused, so files written
     under it cannot land outside `parent`."""

@@ -234,9 +234,7 @@ def run(args: argparse.Namespace) -> int:
     if any(item.images for item in inputs):
         encoder = build_prompt_encoder(renderer.vision_encoder, args.vision_encoder, device)
     tokens = [encode_images(item.images, encoder) if item.images else None for item in inputs]
-    import io
-
-    from engine.data.atomic import real_subdir, write_file_inside
+    from engine.data.atomic import real_subdir, write_file_inside, write_png_inside
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,9 +251,7 @@ def run(args: argparse.Namespace) -> int:
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [3, S, S] -> [S, S, 3]
             from PIL import Image
 
-            png = io.BytesIO()
-            Image.fromarray(array).save(png, format="PNG")
-            write_file_inside(out / name, png.getvalue())  # a symlink planted there is replaced, not followed
+            write_png_inside(Image.fromarray(array), out / name)  # a symlink planted there is replaced
             names.append(name)
     lines = [json.dumps({"index": i, "prompt": item.prompt, "images": item.images, "image": name,
                          "seed": args.seed, "guidance_scale": args.guidance_scale,

@@ -16,10 +16,8 @@ so every file is written inside --output, whatever the tokens file says.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -51,19 +49,6 @@ def output_paths(keys: list[str], output: Path) -> dict[str, Path]:
             raise ValueError(f"tensor key {key!r} would be written outside {output}")
         paths[key] = path
     return paths
-
-
-def save_png_inside(image, path: Path) -> None:
-    """Writes `image` to `path` through a temporary file in the same folder and a rename, so an existing file or a
-    symlink planted at `path` is replaced, never followed."""
-    fd, tmp = tempfile.mkstemp(prefix=".render-", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_tokens(tokens_path: str | Path):
@@ -99,6 +84,8 @@ def render_file(visualizer, tokens_path: str | Path, output: str | Path, *, guid
     """Renders every tensor of `tokens_path`; returns key -> written PNG (all inside `output`)."""
     import torch
 
+    from engine.data.atomic import write_png_inside
+
     names, rows = read_tokens(tokens_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -108,7 +95,7 @@ def render_file(visualizer, tokens_path: str | Path, output: str | Path, *, guid
     images = visualizer.render(torch.stack(rows).float(), guidance_scale=guidance_scale, num_inference_steps=steps,
                                size=size, seed=seed)
     for name, image in zip(names, images):
-        save_png_inside(image, paths[name])
+        write_png_inside(image, paths[name])  # a symlink planted there is replaced, never followed
     return paths
 
 
