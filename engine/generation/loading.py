@@ -85,22 +85,6 @@ def _template_from_builds(builds: list[str] | None) -> str | None:
     return None
 
 
-def _metaquery_record(path: Path) -> dict[str, Any] | None:
-    """The completion record of the training checkpoint under `path` when it is a MetaQuery one, else None.
-
-    Cheap (no checksums): only to name the right command before the VPiT loader fails on the record's fields."""
-    from engine.training import checkpoint as ckpt
-    from engine.training.parallel import ParallelInfo
-
-    try:
-        found = ckpt.find_resumable(path, verify=False, info=ParallelInfo(mesh=None, device=torch.device("cpu")),
-                                    log=lambda message: None)
-        record = ckpt.read_record(found) if found is not None else None
-    except (ValueError, OSError):  # unusable: the loader below names the problem
-        return None
-    return record if isinstance(record, dict) and record.get("recipe") == "metaquery" else None
-
-
 def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | str = "cpu",
                                    dtype: torch.dtype = torch.float32,
                                    tokenizer_dir: str | Path | None = None, flag: str = "--load") -> LoadedCheckpoint:
@@ -126,17 +110,18 @@ def load_checkpoint_for_generation(load: str | Path, *, device: torch.device | s
             tokenizer = load_saved_tokenizer(path / "tokenizer")
         kind, encoder, template = "model", config.get("vision_encoder"), config.get("chat_template")
     else:
+        from engine.training.checkpoint import MetaQueryCheckpointError
         from engine.training.export import load_for_generation
 
-        if _metaquery_record(path) is not None:
-            use = ("render it with `python -m engine.generate --recipe metaquery --load ...`" if flag == "--load"
-                   else f"{flag} takes an LLM: a VPiT training --save directory or a model-only checkpoint")
-            raise ValueError(f"{flag} {load} is a MetaQuery checkpoint (learnable queries and a connector on a "
-                             f"frozen LLM, not an LLM itself): {use}")
         try:
             model, saved_tokenizer, record = load_for_generation(path, device=device, dtype=dtype)
         except FileNotFoundError as err:  # the training loader names --load
             raise FileNotFoundError(str(err).replace("--load ", f"{flag} ", 1)) from None
+        except MetaQueryCheckpointError:  # named with this command's flag and what to do instead
+            use = ("render it with `python -m engine.generate --recipe metaquery --load ...`" if flag == "--load"
+                   else f"{flag} takes an LLM: a VPiT training --save directory or a model-only checkpoint")
+            raise ValueError(f"{flag} {load} is a MetaQuery checkpoint (learnable queries and a connector on a "
+                             f"frozen LLM, not an LLM itself): {use}") from None
         data = record.get("data") if isinstance(record.get("data"), dict) else {}
         expected = data.get("tokenizer_fingerprint") or (saved_tokenizer.fingerprint() if saved_tokenizer else None)
         tokenizer = tokenizer or saved_tokenizer

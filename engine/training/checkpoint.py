@@ -553,11 +553,15 @@ def open_for_reading(load: str | Path) -> tuple[Path, dict[str, Any]]:
     return path, read_record(path)
 
 
+class MetaQueryCheckpointError(CheckpointError):
+    """A MetaQuery checkpoint where a VPiT model is read (callers may name their own flag and command)."""
+
+
 def refuse_metaquery_record(path: Path, record: dict[str, Any], what: str) -> None:
     """A MetaQuery checkpoint (queries + connector on a frozen LLM) given where a VPiT model is read: one line
     naming the commands that take it (it failed on the record's unknown model fields, one line each)."""
     if record.get("recipe") == "metaquery":
-        raise CheckpointError(f"{path} is a MetaQuery checkpoint (learnable queries and a connector on a frozen LLM, "
+        raise MetaQueryCheckpointError(f"{path} is a MetaQuery checkpoint (learnable queries and a connector on a frozen LLM, "
                               f"not a VPiT model), so {what} cannot use it: resume it with `pretrain_gpt_vision.py "
                               "--recipe metaquery --load ...`, render with `python -m engine.generate --recipe "
                               "metaquery --load ...`")
