@@ -227,8 +227,10 @@ def test_distributed_timeout_minutes_reaches_the_process_group(monkeypatch, caps
         seen.append(timeout_s)
         raise ValueError("stop here")
 
+    # Only the defining module is patched: both entry points import it from engine.training.parallel at call time.
+    # (Patching the lazy `engine.training` package too leaked: its "old value" was read through the PEP 562
+    # __getattr__ after the first patch, so the undo left the fake behind for every later test.)
     monkeypatch.setattr(parallel, "build_device_mesh", fake_mesh)
-    monkeypatch.setattr("engine.training.build_device_mesh", fake_mesh, raising=False)
     assert pretrain_gpt_vision.main(["--mock-data", "--distributed-timeout-minutes", "3"]) == 1
     assert pretrain_gpt_vision.main(["--recipe", "metaquery", "--mock-data", "--decoder", "DEC", "--llm", "LLM",
                                      "--distributed-timeout-minutes", "2.5"]) == 1  # nothing is read before the mesh
