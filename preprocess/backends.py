@@ -89,9 +89,14 @@ def build_backend(config: BuildConfig, expected_fingerprint: str | None = None):
     if config.embeddings_dir:
         return PrecomputedBackend()
     import pickle
+    import warnings
 
     try:
-        return EncoderBackend(config, expected_fingerprint)
+        with warnings.catch_warnings():
+            # torch's weights-only unpickler warns about any protocol above 2 before it reads (or refuses) a *.bin;
+            # the warning says nothing to a user, and printed a stack line above the one-line refusal below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return EncoderBackend(config, expected_fingerprint)
     except pickle.UnpicklingError:  # transformers read a *.bin with torch.load(weights_only=True), which refused it
         raise BuildError(f"--vision-encoder {config.vision_encoder}: a pickle-format weight file holds more than "
                          "tensors: refused by torch.load(weights_only=True), nothing in it ran") from None

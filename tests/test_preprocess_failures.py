@@ -490,9 +490,10 @@ def test_precomputed_embeddings_that_cannot_be_targets_are_rejected(case):
     assert decode_embedding(b"NPY\0" + good.getvalue()).norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
-def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tmp_path, capsys):
+def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tmp_path, capsys, recwarn):
     """A SigLIP folder whose pytorch_model.bin is a pickle payload: transformers' torch.load(weights_only=True)
-    refuses it (nothing runs), but the UnpicklingError ended the build in a traceback."""
+    refuses it (nothing runs), but the UnpicklingError ended the build in a traceback, and torch's "Detected pickle
+    protocol 4" UserWarning was printed above the one-line error."""
     import pickle
 
     from transformers import SiglipVisionConfig
@@ -514,6 +515,7 @@ def test_a_pickle_payload_in_encoder_weights_is_one_line_and_never_runs(data, tm
     assert err == [(f"error: --vision-encoder {encoder}: a pickle-format weight file holds more than tensors: "
                     "refused by torch.load(weights_only=True), nothing in it ran")]
     assert not marker.exists()
+    assert not [str(w.message) for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 def test_an_input_that_is_a_pipe_is_refused_without_reading_it(data, tmp_path, capsys):
