@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.data.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+from engine.data.image_decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _tokenizer_type(name: str) -> str:
@@ -53,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="reject (image_too_large) images whose decoded size exceeds N pixels, before decoding "
                        "them (default: %(default)s)")
+    build.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                       help="reject (image_too_large) image files (and tar members, embedding files) over N bytes "
+                       "before reading them (default: %(default)s, 256 MiB)")
     build.add_argument("--targets", choices=["siglip", "vae-latents"], default="siglip",
                        help="siglip: SigLIP rows per image (VPiT); vae-latents: also every image's VAE latent "
                        "(MetaQuery's targets, no VAE encoder in training; needs --vae). Default: %(default)s")
@@ -92,7 +95,8 @@ def _build(args) -> int:
             vision_post_layernorm=args.vision_post_layernorm, image_root=args.image_root,
             embeddings_dir=args.embeddings_dir, seq_length=args.seq_length, overlong=args.overlong,
             samples_per_shard=args.samples_per_shard, encode_batch_size=args.encode_batch_size,
-            image_decoder=args.image_decoder, max_image_pixels=args.max_image_pixels, device=args.device,
+            image_decoder=args.image_decoder, max_image_pixels=args.max_image_pixels,
+            max_image_bytes=args.max_image_bytes, device=args.device,
             targets=args.targets, vae=args.vae, vae_image_size=args.vae_image_size,
             workers=args.workers, resume=args.resume, strict=args.strict, progress=not args.no_progress)
         run_build(config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.config import TOKENS_PER_IMAGE
-from engine.data.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+from engine.data.image_decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from engine.vision_encoder import DEFAULT_FEATURE_LAYER
 
 # Exit statuses of `build` (docs/preprocess.md).
@@ -53,6 +53,7 @@ class BuildConfig:
     encode_batch_size: int = 32
     image_decoder: str = "auto"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     device: str | None = None
     workers: int = 1
     resume: bool = False
@@ -77,6 +78,8 @@ class BuildConfig:
             problems.append("--samples-per-shard, --encode-batch-size and --workers must be >= 1")
         if self.max_image_pixels < 1:
             problems.append("--max-image-pixels must be >= 1")
+        if self.max_image_bytes < 1:
+            problems.append("--max-image-bytes must be >= 1")
         if self.targets not in TARGETS:
             problems.append(f"--targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.targets == "vae-latents" and not self.vae:
@@ -97,5 +100,6 @@ class BuildConfig:
         return {"seq_length": self.seq_length, "chat_template": self.chat_template, "overlong": self.overlong,
                 "samples_per_shard": self.samples_per_shard, "encode_batch_size": self.encode_batch_size,
                 "embeddings_dir": self.embeddings_dir is not None, "max_image_pixels": self.max_image_pixels,
+                "max_image_bytes": self.max_image_bytes,
                 **({"targets": self.targets, "vae": (self.vae_info or {}).get("fingerprint"),
                     "vae_image_size": self.vae_image_size} if self.targets != "siglip" else {})}

@@ -134,7 +134,8 @@ class ShardBuilder:
         if self._source is None:
             from engine.data.image_source import ImageSource
 
-            self._source = ImageSource(self.config.image_root, self.config.embeddings_dir)
+            self._source = ImageSource(self.config.image_root, self.config.embeddings_dir,
+                                       max_bytes=self.config.max_image_bytes)
         return self._source
 
     # -- record level -------------------------------------------------------------------------------------

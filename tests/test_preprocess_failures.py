@@ -423,6 +423,42 @@ def test_decoded_pixels_are_capped(data, tmp_path):
     assert reject["id"] == "big" and "3000x2000" in reject["message"]
 
 
+def test_image_files_over_the_byte_cap_are_rejected_before_reading(data, tmp_path, capsys):
+    """--max-image-bytes: a file (or tar member) over the cap is rejected by its size, before it is read; the pixel
+    cap alone read every file whole first (a mislabelled video under --image-root went into memory)."""
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (8, 8), (10, 120, 200)).save(root / "small.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "big.jpg", quality=95)  # about 10 KB: noise does not compress
+    big = (root / "big.jpg").stat().st_size
+    assert big > 5000 > (root / "small.png").stat().st_size
+    with tarfile.open(root / "pack.tar", "w") as tar:
+        tar.add(root / "big.jpg", arcname="big.jpg")
+        tar.add(root / "small.png", arcname="small.png")
+    records = [dict(QA, id=name, image=image) for name, image in
+               (("file-big", "big.jpg"), ("file-small", "small.png"),
+                ("tar-big", "pack.tar::big.jpg"), ("tar-small", "pack.tar::small.png"))]
+    inputs = factory.write_jsonl(tmp_path / "sizes.jsonl", records)
+    out = tmp_path / "out"
+    assert factory.run_cli(factory.build_args(inputs, out, data[2], root, "--max-image-bytes", "5000")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"image_too_large": 2} and manifest["counts"]["samples_written"] == 2
+    assert manifest["settings"]["max_image_bytes"] == 5000
+    rejects = {r["id"]: r["message"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert rejects == {"file-big": f"image file big.jpg is {big:,} bytes, over --max-image-bytes 5,000 (nothing "
+                                   "of it was read)",
+                       "tar-big": f"image file pack.tar::big.jpg is {big:,} bytes, over --max-image-bytes 5,000 "
+                                  "(nothing of it was read)"}
+    capsys.readouterr()
+    assert factory.run_cli(factory.build_args(inputs, tmp_path / "bad", data[2], root, "--max-image-bytes", "0")) == 2
+    assert "--max-image-bytes must be >= 1" in capsys.readouterr().err
+
+
 def test_rejects_are_reproducible_without_object_addresses(data, tmp_path):
     root = tmp_path / "images"
     root.mkdir()

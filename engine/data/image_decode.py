@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # torch is imported where used: reading records needs no torc
 # A decoded-size cap against decompression bombs: a 12000 x 12000 PNG of 420 KB decodes to 432 MB of RGB
 # (1.5 GB with PIL's intermediates). 64 M pixels admits 8000 x 8000 photos; `--max-image-pixels` changes it.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# A file-size cap, checked before a byte is read (the pixel cap needs the bytes in memory first): a mislabelled
+# video or disk image under --image-root would otherwise be read whole into every worker. 256 MiB is above any
+# 64 M-pixel photo in a compressed format; `--max-image-bytes` changes it.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
 
 

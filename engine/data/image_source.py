@@ -33,13 +33,26 @@ def confine(root_real: str, reference: str, what: str = "image") -> str:
     return candidate
 
 
-def _read_file(path: str, reference: str) -> bytes:
+def _too_large(reference: str, size: int, max_bytes: int) -> RecordError:
+    return RecordError("image_too_large", f"image file {reference} is {size:,} bytes, over --max-image-bytes "
+                       f"{max_bytes:,} (nothing of it was read)")
+
+
+def _read_file(path: str, reference: str, max_bytes: int | None = None) -> bytes:
     if not os.path.exists(path):
         raise RecordError("image_missing", f"image file not found: {reference}")
     if not os.path.isfile(path):
         raise RecordError("image_missing", f"image path is not a file: {reference}")
     with open(path, "rb") as handle:
-        data = handle.read()
+        if max_bytes is not None:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise _too_large(reference, size, max_bytes)
+            data = handle.read(max_bytes + 1)  # a file that grew since fstat is still not read past the cap
+            if len(data) > max_bytes:
+                raise _too_large(reference, os.fstat(handle.fileno()).st_size, max_bytes)
+        else:
+            data = handle.read()
     if not data:
         raise RecordError("image_empty", f"image file is empty (0 bytes): {reference}")
     return data
@@ -52,10 +65,12 @@ class _TarIndex:
         self.tar = tarfile.open(path, "r:")  # uncompressed, as WebDataset writes them: members are seekable
         self.members = {info.name: info for info in self.tar.getmembers() if info.isfile()}
 
-    def read(self, member: str) -> bytes | None:
+    def read(self, member: str, reference: str = "", max_bytes: int | None = None) -> bytes | None:
         info = self.members.get(member) or self.members.get(member.lstrip("./"))
         if info is None:
             return None
+        if max_bytes is not None and info.size > max_bytes:
+            raise _too_large(reference or member, info.size, max_bytes)
         handle = self.tar.extractfile(info)
         return handle.read() if handle is not None else None
 
@@ -71,9 +86,13 @@ class ImageSource:
             rejected with a message saying --image-root is missing).
         embeddings_dir: when set, references resolve to precomputed embedding files there instead.
         max_open_tars: tar indexes kept open per process.
+        max_bytes: files (and tar members) larger than this are refused (`image_too_large`) before they are
+            read; None reads any size.
     """
 
-    def __init__(self, image_root: str | None, embeddings_dir: str | None = None, max_open_tars: int = 16) -> None:
+    def __init__(self, image_root: str | None, embeddings_dir: str | None = None, max_open_tars: int = 16,
+                 max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
         self.image_root = os.path.realpath(image_root) if image_root else None
         self.embeddings_dir = os.path.realpath(embeddings_dir) if embeddings_dir else None
         self._tars: OrderedDict[str, _TarIndex] = OrderedDict()
@@ -88,13 +107,13 @@ class ImageSource:
         if TAR_SEPARATOR in reference:
             tar_reference, member = reference.split(TAR_SEPARATOR, 1)
             tar_path = confine(self.image_root, tar_reference, "tar")
-            data = self._tar(tar_path, tar_reference).read(member)
+            data = self._tar(tar_path, tar_reference).read(member, reference, self.max_bytes)
             if data is None:
                 raise RecordError("image_missing", f"member {member!r} not found in tar {tar_reference}")
             if not data:
                 raise RecordError("image_empty", f"image {reference} is empty (0 bytes)")
             return data
-        return _read_file(confine(self.image_root, reference), reference)
+        return _read_file(confine(self.image_root, reference), reference, self.max_bytes)
 
     def _tar(self, path: str, reference: str) -> _TarIndex:
         index = self._tars.get(path)
@@ -119,7 +138,7 @@ class ImageSource:
         for candidate in candidates:
             path = confine(self.embeddings_dir, candidate, "embedding")
             if os.path.isfile(path):
-                data = _read_file(path, candidate)
+                data = _read_file(path, candidate, self.max_bytes)
                 # The format travels with the bytes (dedup hashes the bytes; decode needs the suffix).
                 return (b"SAFETENSORS\0" if candidate.endswith(".safetensors") else b"NPY\0") + data
         raise RecordError("image_missing", f"no precomputed embedding for {reference!r} in --embeddings-dir "
