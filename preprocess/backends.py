@@ -57,6 +57,14 @@ class EncoderBackend:
     def decode_batch(self, blobs):
         return self.encoder.decode(blobs)
 
+    def take_pil_fallbacks(self) -> int:
+        """Images the DALI decoder handed to PIL since the last call (GIF; 0 with the PIL decoder)."""
+        decoder = self.encoder.decoder
+        count = getattr(decoder, "pil_fallbacks", 0)
+        if count:
+            decoder.pil_fallbacks = 0
+        return count
+
     def encode(self, decoded: list[torch.Tensor]) -> torch.Tensor:
         import torch
 

@@ -90,6 +90,7 @@ def write_manifest(out: Path, config, state: dict, tokenizer, summaries: list[di
         **({"latents": latents_entry(config.vae_info, len(row_hashes), segments)} if config.vae_info else {}),
         "counts": {key: int(counts.get(key, 0)) for key in COUNT_KEYS},
         "truncated": int(counts.get("truncated", 0)),
+        "pil_fallback_images": int(counts.get("pil_fallback_images", 0)),
         "padding_tokens": int(sequences * config.seq_length - counts["tokens"]),
         "packing_efficiency": round(counts["tokens"] / (sequences * config.seq_length), 6) if sequences else 0.0,
         "skipped": dict(sorted(skipped.items())),

@@ -96,6 +96,46 @@ def test_a_bad_image_in_a_dali_batch_is_named_like_pil_and_spares_the_others():
         assert torch.equal(result, single)  # the bad neighbours changed nothing
 
 
+def test_formats_dali_cannot_decode_are_decoded_by_pil_and_counted(tmp_path):
+    """DALI has no GIF (still or animated) or TGA decoder: those records were rejected with DALI and kept with PIL,
+    so `--image-decoder auto` lost data on a machine with DALI installed. Now PIL decodes them (its first frame),
+    the manifest counts them, and both decoders keep the same records and the same pixels for those images."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.data.image_decode import DaliImageDecoder, PilImageDecoder
+
+    root = tmp_path / "images"
+    root.mkdir()
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+              for i in range(3)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[1].save(root / "still.gif")
+    frames[2].save(root / "pic.tga")
+    frames[0].save(root / "pic.png")
+    blobs = [(root / name).read_bytes() for name in ("anim.gif", "pic.png", "pic.tga", "still.gif")]
+    dali = DaliImageDecoder(64, device_id=None)
+    decoded, reference = dali.decode_batch(blobs), PilImageDecoder(64).decode_batch(blobs)
+    assert all(isinstance(pixels, torch.Tensor) for pixels in decoded) and dali.pil_fallbacks == 3
+    for index in (0, 2, 3):  # the three PIL decoded: PIL's pixels exactly
+        assert torch.equal(decoded[index], reference[index])
+
+    qa = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Noise."}]
+    records = [{"id": name, "image": name, "conversations": qa}
+               for name in ("anim.gif", "pic.png", "pic.tga", "still.gif")]
+    inputs = factory.write_jsonl(tmp_path / "formats.jsonl", records)
+    tokenizer = factory.make_tokenizer(tmp_path / "tokenizer")
+    manifests = {}
+    for decoder in ("pil", "dali"):
+        out = tmp_path / decoder
+        assert factory.run_cli(factory.build_args(inputs, out, tokenizer, root, "--image-decoder", decoder)) == 0
+        manifests[decoder] = json.loads((out / "manifest.json").read_text())
+    for decoder, fallbacks in (("pil", 0), ("dali", 3)):
+        manifest = manifests[decoder]
+        assert manifest["skipped"] == {} and manifest["counts"]["samples_written"] == 4, decoder
+        assert manifest["pil_fallback_images"] == fallbacks, decoder
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG mixed decoder)")
 def test_gpu_decode_stays_on_the_encoder_device():
     from engine.vision_encoder import build_vision_encoder

@@ -7,7 +7,10 @@ the decoder's name is part of the encoder fingerprint.
 
 Bad images are classified the same way by both: the header is opened with PIL first (unknown format,
 truncated header, too many pixels); an image DALI still refuses is decoded alone with PIL so the reason and
-message are PIL's. Messages never hold object addresses, so a rejects file is the same from run to run.
+message are PIL's. A format DALI has no decoder for but PIL reads (GIF, still or animated: PIL's first frame)
+is decoded by PIL instead of being rejected, and counted (`DaliImageDecoder.pil_fallbacks`; the manifest's
+`pil_fallback_images`), so the same records are kept with either decoder. Messages never hold object addresses,
+so a rejects file is the same from run to run.
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ class PilImageDecoder:
         return out
 
 
+# PIL formats DALI's image decoder does not read (its list: JPEG, JPEG 2000, PNG, BMP, TIFF, PNM, WebP).
+_PIL_ONLY_FORMATS = frozenset({"GIF"})
+
+
 class DaliImageDecoder:
     """NVIDIA DALI decode + resize: `fn.decoders.image` on the CPU, or nvJPEG ("mixed") on a GPU.
 
@@ -159,6 +166,7 @@ class DaliImageDecoder:
         self.name = "dali-cpu" if device_id is None else "dali-gpu"
         self._pipeline = None
         self._stream = None  # CUDA stream of the device-to-device copy out of DALI
+        self.pil_fallbacks = 0  # images DALI could not decode and PIL did (GIF): decoded by PIL, not rejected
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -216,10 +224,14 @@ class DaliImageDecoder:
         good = []
         for index, data in enumerate(blobs):
             try:
-                open_image_header(data, self.max_pixels)
-                good.append(index)
+                header = open_image_header(data, self.max_pixels)
             except ImageDecodeError as error:
                 out[index] = error
+                continue
+            if header.format in _PIL_ONLY_FORMATS:  # no DALI decoder: spare the batch a failed run and rebuild
+                out[index] = self._decode_with_pil(data)
+            else:
+                good.append(index)
         for start in range(0, len(good), self.max_batch):
             chunk = good[start:start + self.max_batch]
             try:
@@ -235,13 +247,18 @@ class DaliImageDecoder:
     def _decode_alone(self, data: bytes) -> torch.Tensor | ImageDecodeError:
         try:
             return self._run([data])[0]
-        except Exception as dali_error:  # noqa: BLE001
-            try:  # PIL names the problem in the same words as the PIL path
-                decode_image_pil(data, self.image_size, self.max_pixels)
-            except ImageDecodeError as error:
-                return error
-            return ImageDecodeError("image_not_decodable", f"DALI cannot decode this image (PIL can): "
-                                    f"{clean_message(dali_error)}")
+        except Exception:  # noqa: BLE001
+            return self._decode_with_pil(data)
+
+    def _decode_with_pil(self, data: bytes) -> torch.Tensor | ImageDecodeError:
+        """PIL names a bad image in the same words as the PIL path; an image DALI has no decoder for (GIF) but
+        PIL reads is PIL's pixels, where the encoder reads them, counted in `pil_fallbacks`."""
+        try:
+            pixels = decode_image_pil(data, self.image_size, self.max_pixels)
+        except ImageDecodeError as error:
+            return error
+        self.pil_fallbacks += 1
+        return pixels if self.device_id is None else pixels.to(f"cuda:{self.device_id}")
 
 
 def dali_available() -> bool:
