@@ -1,6 +1,6 @@
 """Validates the layout planner's model-state memory on CPU: predicted parameter, gradient and AdamW-state bytes per
 rank (engine.planning.rank_state) against what the real trainer holds, for several layouts (TP2, TP2+SP stage 1,
-PP2 uneven, PP2 interleaved, DP2 DDP / FSDP2 / distributed optimizer, TP2xPP2, TP2xDP2 FSDP2, PP2xDP2).
+PP2 uneven, PP2 interleaved, DP2 DDP / FSDP2 / distributed optimizer, TP2xPP2, TP2xDP2 FSDP2, PP2xDP2, TP2xDP2 distributed optimizer).
 
     python benchmarks/plan_memory_cpu.py [--out plan_memory_cpu.json]
 
@@ -43,6 +43,7 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "TP2xPP2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
         "TP2xDP2 FSDP2": ["--tensor-model-parallel-size", "2", "--data-parallel-sharding", "fsdp"],
         "PP2xDP2": ["--pipeline-model-parallel-size", "2"],
+        "TP2xDP2 distributed optimizer": ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
     },
 }
 

@@ -37,13 +37,13 @@ def _load_validation():
 
 def test_state_bytes_per_rank_match_the_trainer_within_10_percent(tmp_path):
     """TP2, TP2+SP (stage 1), PP2 (uneven and interleaved), DP2 DDP / FSDP2 / distributed optimizer, TP2xPP2,
-    TP2xDP2 FSDP2, PP2xDP2, with awkward sizes (FFN 170, vocabulary padded to a multiple of 3 x TP, so FSDP2 pads
+    TP2xDP2 FSDP2, PP2xDP2, TP2xDP2 distributed optimizer, with awkward sizes (FFN 170, vocabulary padded to a multiple of 3 x TP, so FSDP2 pads
     uneven shards); every rank of every layout."""
     validation = _load_validation()
     rows = validation.validate(tmp_path)
     layouts = {r["layout"] for r in rows}
     assert {"TP2", "PP2 split 4+2", "TP2xPP2", "DP2 FSDP2"} <= layouts
-    assert len(rows) == 3 * (7 * 2 + 3 * 4)  # params/grads/optimizer x every layout x every rank
+    assert len(rows) == 3 * (7 * 2 + 4 * 4)  # params/grads/optimizer x every layout x every rank
     bad = [r for r in rows if r["error"] > 0.10]
     assert not bad, bad[:5]
     # Sharding really happened: FSDP2 halves DDP's parameter bytes, and uneven shards differ between DP ranks.
@@ -268,6 +268,24 @@ def test_trainer_support_table_matches_the_trainer():
     except Exception:  # noqa: BLE001 - anything past the bf16 check (no process group here) means it was accepted
         refused = False
     assert refused == (not TrainerSupport.current().bf16_model_parallel)
+
+
+def test_trainer_support_for_fast_paths_and_the_distributed_optimizer_matches_the_trainer():
+    """TrainerSupport.fast_paths_model_parallel / distributed_optimizer_model_parallel were never set, so the
+    planner offered no FP8, no selective recompute and no distributed optimizer under TP/PP although the trainer
+    runs them; each is now read from the code and checked against the training config's validation here."""
+    from engine.training import parse_training_config
+
+    support = TrainerSupport.current()
+    assert support.fast_paths_model_parallel and support.distributed_optimizer_model_parallel
+    for flags in (["--use-distributed-optimizer"], ["--recompute-granularity", "selective"]):
+        config = parse_training_config(["--mock-data", "--tensor-model-parallel-size", "2",
+                                        "--pipeline-model-parallel-size", "2", *flags])
+        config.validate(2)  # raises ValueError naming the flag if the trainer refused it
+    cfg = preset("llama3.1-8b")
+    layouts = [layout for layout, _ in enumerate_layouts(cfg, 16, 64, gpu_spec("h100-80gb"), support)]
+    kinds = {(layout.sharding, layout.recompute, layout.fp8) for layout in layouts if layout.model_parallel}
+    assert {("distopt", "full", False), ("none", "selective", False), ("none", "full", True)} <= kinds
 
 
 def test_gpu_validation_script_dry_run_on_cpu(tmp_path):

@@ -19,6 +19,9 @@ class ParallelConfig:
         sequence_parallel: `--sequence-parallel`: shard activations along the sequence in norm regions (TP > 1).
         data_parallel_sharding: `--data-parallel-sharding`: `none` (replicated, gradients all-reduced) or `fsdp`.
         pipeline_layer_split: explicit layers per stage (uneven splits), e.g. [3, 5]; default: as even as possible.
+        fsdp_reshard_after_forward: with `fsdp`, free the gathered parameters after each block's forward (ZeRO-3,
+            the default); False keeps them from forward through backward (ZeRO-2: Megatron's distributed optimizer,
+            `--use-distributed-optimizer` under TP/PP).
     """
 
     tensor_model_parallel_size: int = 1
@@ -27,6 +30,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     data_parallel_sharding: Literal["none", "fsdp"] = "none"
     pipeline_layer_split: list[int] | None = None
+    fsdp_reshard_after_forward: bool = True
 
     @property
     def tp(self) -> int:

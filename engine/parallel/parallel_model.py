@@ -98,7 +98,8 @@ class ParallelVPiT:
             from engine.parallel.data_parallel import apply_fsdp
 
             for part in self.parts:
-                apply_fsdp(part, mesh["dp"], param_dtype=autocast_dtype, reduce_dtype=grad_reduce_dtype)
+                apply_fsdp(part, mesh["dp"], reshard_after_forward=parallel.fsdp_reshard_after_forward,
+                           param_dtype=autocast_dtype, reduce_dtype=grad_reduce_dtype)
         self._schedules: dict[int, object] = {}
 
     # ----------------------------------------------------------------------------------------------- tied embeddings

@@ -33,9 +33,10 @@ class TrainerSupport:
     Args:
         flags: the training CLI's option strings (`--fp8-format`, `--recompute-granularity`, ...).
         bf16_model_parallel: `--bf16` together with TP or PP > 1.
-        fast_paths_model_parallel: FP8 and selective recompute applied under TP/PP (today they are applied to
-            the single-device model of data-parallel runs only).
-        distributed_optimizer_model_parallel: `--use-distributed-optimizer` with TP/PP.
+        fast_paths_model_parallel: FP8 and selective recompute applied under TP/PP (the model-parallel wrapper takes
+            the trainer's block transforms: `ParallelVPiT(block_transforms=...)`).
+        distributed_optimizer_model_parallel: `--use-distributed-optimizer` with TP/PP (FSDP2 over dp without
+            resharding after forward: `ParallelConfig.fsdp_reshard_after_forward`).
     """
 
     flags: frozenset[str] = field(default_factory=frozenset)
@@ -45,16 +46,23 @@ class TrainerSupport:
 
     @classmethod
     def current(cls) -> TrainerSupport:
-        """Read from the code: the training CLI's flags, and whether the model-parallel wrapper takes an autocast
-        dtype (`ParallelVPiT(autocast_dtype=...)`, which is how the trainer runs --bf16 under TP/PP)."""
+        """Read from the code: the training CLI's flags, and what the model-parallel wrapper takes: an autocast
+        dtype (`ParallelVPiT(autocast_dtype=...)`, how the trainer runs --bf16 under TP/PP), block transforms (FP8,
+        selective recompute) and a ZeRO-2 FSDP layout (the distributed optimizer). tests/test_plan.py checks each
+        against what the trainer accepts."""
+        import dataclasses
         import inspect
 
+        from engine.parallel.config import ParallelConfig
         from engine.parallel.parallel_model import ParallelVPiT
         from engine.training.config import build_parser
 
         flags = frozenset(opt for action in build_parser()._actions for opt in action.option_strings)
-        bf16_mp = "autocast_dtype" in inspect.signature(ParallelVPiT.__init__).parameters
-        return cls(flags=flags, bf16_model_parallel=bf16_mp)
+        takes = inspect.signature(ParallelVPiT.__init__).parameters
+        return cls(flags=flags, bf16_model_parallel="autocast_dtype" in takes,
+                   fast_paths_model_parallel="block_transforms" in takes,
+                   distributed_optimizer_model_parallel="fsdp_reshard_after_forward" in
+                   {f.name for f in dataclasses.fields(ParallelConfig)})
 
     def has(self, flag: str) -> bool:
         return flag in self.flags

@@ -202,7 +202,12 @@ class TrainingConfig:
                               # Megatron-LM drops --sequence-parallel at TP 1 (launch scripts pass it for every TP
                               # size); so do we, with a note from the trainer
                               sequence_parallel=self.sequence_parallel and self.tensor_model_parallel_size > 1,
-                              data_parallel_sharding=self.data_parallel_sharding, pipeline_layer_split=split)
+                              # Megatron's distributed optimizer under TP/PP: FSDP2 over dp without resharding
+                              # after forward (ZeRO-2), as shard_optimizer_state does without model parallelism
+                              data_parallel_sharding="fsdp" if self.use_distributed_optimizer
+                              else self.data_parallel_sharding,
+                              fsdp_reshard_after_forward=not self.use_distributed_optimizer,
+                              pipeline_layer_split=split)
 
     @property
     def grad_reduce_in_bf16(self) -> bool:
@@ -262,9 +267,6 @@ class TrainingConfig:
         if self.use_distributed_optimizer and self.data_parallel_sharding == "fsdp":
             problems.append("--use-distributed-optimizer is for replicated data parallelism: FSDP2 "
                             "(--data-parallel-sharding fsdp) already shards the optimizer state")
-        if self.use_distributed_optimizer and self.model_parallel:
-            problems.append("--use-distributed-optimizer is supported with data parallelism only for now; with "
-                            "tensor/pipeline parallelism use --data-parallel-sharding fsdp")
         if self.model.fused_visual_head_loss and self.tensor_model_parallel_size > 1:
             problems.append("--fused-visual-head-loss does not support a tensor-parallel visual head: drop it with "
                             "--tensor-model-parallel-size > 1")

@@ -288,6 +288,12 @@ class Trainer(TrainingLoop):
             trainable.update(apply_stage(part, c.stage, c.stage1_train_visual_head))
         self.trainable = sorted(trainable)
         self.parallel_model = self.model = pm
+        if c.use_distributed_optimizer and self.info.dp_size > 1:
+            held = [p for p in pm.parameters() if p.requires_grad]
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in held)
+            self._log(f"distributed optimizer (FSDP2 over dp, no reshard after forward): this rank holds {local:,} "
+                      f"of the {sum(p.numel() for p in held):,} trainable parameter elements of its pipeline "
+                      "stage(s) and their AdamW state")
         self.optimizer = PartOptimizers(pm.parts, c)
         self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
         self.grad_mask = None
