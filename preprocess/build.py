@@ -44,6 +44,7 @@ from preprocess.pool import Progress, run_tasks
 from preprocess.shard_builder import (  # noqa: F401 (test hooks, re-exported)
     CRASH_AFTER_SHARDS_ENV,
     CRASH_DURING_SHARD_ENV,
+    KILL_MAIN_AT_SHARD_ENV,
     KILL_WORKER_AT_SHARD_ENV,
 )
 

@@ -4,6 +4,11 @@ progress bar fed by the workers.
 A worker that dies (killed, out of memory) breaks the pool: `concurrent.futures` raises BrokenProcessPool
 instead of waiting forever, the other workers are stopped, and the build ends with `BuildInterrupted`
 (exit status 3). Shards finished before that keep their part files, so `--resume` redoes only the rest.
+
+The other way round, a worker whose parent died (the build SIGKILLed, its node's job step cancelled) exits at
+once: left running, it would finish its shard into OUT after the lock was released, and rename its temporary
+files over those of the `--resume` that follows (the resume then failed with `No such file ... .emb.tmp`, or
+worse, marked a shard finished with another process's half-written rows).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import queue as queue_module
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -22,8 +28,28 @@ from preprocess.shard_builder import ShardBuilder
 _WORKER: ShardBuilder | None = None
 
 
-def _init_worker(config: BuildConfig, input_names: list[str], encoder: dict, progress_queue, threads: int) -> None:
+# How often a worker checks that the build process that started it is still alive.
+PARENT_POLL_S = 0.1
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker the moment its parent is gone (reparented: `os.getppid()` changes). The pool's own
+    queues cannot tell it: an orphaned worker blocks on them forever, or first finishes its shard."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no cleanup: temporary files are removed by the next --resume
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(config: BuildConfig, input_names: list[str], encoder: dict, progress_queue, threads: int,
+                 parent_pid: int | None = None) -> None:
     global _WORKER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     _WORKER = ShardBuilder(config, input_names, encoder, progress=lambda *delta: progress_queue.put(delta),
                            torch_threads=threads)
 
@@ -83,7 +109,7 @@ def run_tasks(config: BuildConfig, tasks: list[ShardTask], input_names: list[str
     context = multiprocessing.get_context("spawn")  # fork + torch/OpenMP threads is unsafe
     progress_queue = context.Queue()
     executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                   initargs=(config, input_names, encoder, progress_queue, threads))
+                                   initargs=(config, input_names, encoder, progress_queue, threads, os.getpid()))
     futures = {executor.submit(_run_task, task): task for task in tasks}
     try:
         pending = set(futures)

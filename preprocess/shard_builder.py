@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ PARTS_DIR = "parts"
 CRASH_AFTER_SHARDS_ENV = "CHRYSALIS_PREPROCESS_CRASH_AFTER_SHARDS"
 CRASH_DURING_SHARD_ENV = "CHRYSALIS_PREPROCESS_CRASH_DURING_SHARD"
 KILL_WORKER_AT_SHARD_ENV = "CHRYSALIS_PREPROCESS_KILL_WORKER_AT_SHARD"
+# ... and SIGKILL of the build's main process by a worker starting shard N (the build killed mid-shard).
+KILL_MAIN_AT_SHARD_ENV = "CHRYSALIS_PREPROCESS_KILL_MAIN_AT_SHARD"
 # Records parsed, then tokenized with one batched tokenizer call, at a time: the per-call overhead of the
 # tokenizer libraries is larger than the BPE work on a conversation's short pieces.
 ENCODE_CHUNK = 256
@@ -281,6 +284,12 @@ class ShardBuilder:
 
             if multiprocessing.parent_process() is not None:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(KILL_MAIN_AT_SHARD_ENV) == str(task.shard):
+            import multiprocessing
+
+            if multiprocessing.parent_process() is not None:
+                os.kill(os.getppid(), signal.SIGKILL)
+                time.sleep(1.0)  # the shard goes on only in a worker that outlives its build
         state = _ShardState(task)
         self._embedding_writer = EmbeddingPartWriter(part_path(self.out, task.shard, ".emb"))
         if self.config.targets == "vae-latents":

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "preprocess"))
 import preprocess_factory as factory  # noqa: E402
 
-from preprocess.build import CRASH_DURING_SHARD_ENV, KILL_WORKER_AT_SHARD_ENV  # noqa: E402
+from preprocess.build import CRASH_DURING_SHARD_ENV, KILL_MAIN_AT_SHARD_ENV, KILL_WORKER_AT_SHARD_ENV  # noqa: E402,E501
 
 REPO = Path(__file__).resolve().parents[1]
 QA = {"id": "q", "image": "photos/coffee.jpg", "conversations": [
@@ -214,6 +215,46 @@ def test_a_killed_worker_stops_the_build_which_then_resumes(data, text, tmp_path
     assert killed.returncode == 3, killed.stderr
     line = _error_line(killed.stderr)
     assert "worker process died" in line and "--resume" in line
+    assert not (out / "manifest.json").exists()
+    assert factory.run_cli([*args, "--resume"]) == 0
+    assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds `marker` (Linux /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_workers_exit_with_a_killed_build_which_then_resumes(data, text, tmp_path):
+    """SIGKILL of the build (not of a worker) mid-shard: its workers used to live on, finish their shard into OUT
+    after the lock was gone and rename their temporary files over those of the --resume that followed."""
+    out = tmp_path / "out"
+    args = _text_args(data, text, out, "--workers", "2")
+    marker = f"CHRYSALIS_TEST_BUILD_MARKER={os.getpid()}-{tmp_path.name}"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **{KILL_MAIN_AT_SHARD_ENV: "1"})
+    env["CHRYSALIS_TEST_BUILD_MARKER"] = marker.split("=", 1)[1]
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    with open(tmp_path / "log", "wb") as log:  # not a pipe: an orphaned worker would hold it open
+        build = subprocess.Popen([sys.executable, "-m", "preprocess", *args], cwd=REPO, env=env, stdout=log,
+                                 stderr=log)
+        assert build.wait(timeout=180) == -9
+    survivors = _processes_with(marker)
+    for _ in range(50):
+        if not survivors:
+            break
+        time.sleep(0.1)
+        survivors = _processes_with(marker)
+    for pid in survivors:  # do not leak them into the rest of the session
+        os.kill(pid, 9)
+    assert not survivors, f"{len(survivors)} worker process(es) outlived the killed build"
     assert not (out / "manifest.json").exists()
     assert factory.run_cli([*args, "--resume"]) == 0
     assert factory.tree_bytes(out) == factory.tree_bytes(text[1])
