@@ -19,7 +19,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "preprocess"))
 import preprocess_factory as factory  # noqa: E402
 
-from preprocess.build import CRASH_DURING_SHARD_ENV, KILL_MAIN_AT_SHARD_ENV, KILL_WORKER_AT_SHARD_ENV  # noqa: E402,E501
+from preprocess.build import (  # noqa: E402
+    CRASH_DURING_SHARD_ENV,
+    KILL_MAIN_AT_SHARD_ENV,
+    KILL_WORKER_AT_SHARD_ENV,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QA = {"id": "q", "image": "photos/coffee.jpg", "conversations": [
