@@ -129,4 +129,8 @@ def parse_metaquery_config(argv: list[str]):
 
 
 def metaquery_help() -> str:
-    return build_metaquery_parser().format_help().strip("\n")
+    """The MetaQuery flags, then the optimizer defaults that replace the VPiT ones printed below them."""
+    defaults = " ".join(f"{flag} {value}" for flag, value in REFERENCE_OPTIMIZER.items())
+    return (build_metaquery_parser().format_help().strip("\n")
+            + "\n\nOptimizer defaults of this recipe (the reference's), which replace the VPiT defaults shown\n"
+            + f"below wherever neither a flag nor the YAML sets them:\n  {defaults}\n")
