@@ -149,11 +149,17 @@ def test_mixed_tokenizer_builds_are_refused(build, tmp_path):
     shutil.copytree(build, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
+    manifest["tokenizer"]["vocab_size"] += 7  # another vocabulary
     (other / "manifest.json").write_bytes(serialize_manifest(manifest))
     config = parse_training_config(["--data-path", "0.5", str(build), "0.5", str(other),
                                     *args(build, "--train-iters", "1")[2:]])
-    with pytest.raises(ValueError, match="different tokenizers"):
+    with pytest.raises(ValueError, match="different tokenizer") as refused:
         Trainer(config, build_device_mesh())
+    # One line that names the odd build and says what differs (it listed every build's full fingerprint, one per
+    # line, without saying which one was wrong).
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--data-path: {other} was built with a different tokenizer")
+    assert f"vocabulary {manifest['tokenizer']['vocab_size']}, fingerprint 000000000000" in message
 
 
 def test_load_hf_starts_from_a_hugging_face_llama(build, tmp_path):

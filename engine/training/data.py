@@ -453,7 +453,7 @@ def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums
     from engine.data.shards import ShardReader
 
     datasets = []
-    tokenizer_prints, encoder_prints, lengths = {}, {}, {}
+    tokenizer_prints, encoder_prints, lengths, described = {}, {}, {}, {}
     for weight, path in weighted_paths:
         try:
             reader = ShardReader(path, check_sha256=verify_checksums)
@@ -466,13 +466,21 @@ def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums
         encoder_prints[path] = _manifest_field(manifest, "vision_encoder.fingerprint", "vision_encoder_fingerprint",
                                                "vision_encoder")
         lengths[path] = reader.seq_length
-    for what, prints in (("tokenizer", tokenizer_prints), ("vision encoder", encoder_prints)):
-        distinct = {json_key(v) for v in prints.values()}
-        if len(distinct) > 1:
-            listing = "\n  ".join(f"{p}: {v}" for p, v in prints.items())
-            raise ValueError(f"--data-path mixes builds made with different {what}s:\n  {listing}")
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"--data-path mixes sequence lengths {lengths}; rebuild with one --seq-length")
+        described[path] = (_describe_tokenizer(manifest), _describe_encoder(manifest))
+    # One line naming the first build that differs from the first of the list (a blend of many builds listed
+    # every fingerprint on its own line, in full, without saying which build was the odd one).
+    first_path = weighted_paths[0][1]
+    for index, (what, prints) in enumerate((("tokenizer", tokenizer_prints), ("vision encoder", encoder_prints))):
+        for path, value in prints.items():
+            if json_key(value) != json_key(prints[first_path]):
+                raise ValueError(f"{path} was built with a different {what} ({described[path][index]}) than "
+                                 f"{first_path} ({described[first_path][index]}): the builds of a blend must share "
+                                 f"one {what}; rebuild {path} with the {what} of {first_path}")
+    for path, length in lengths.items():
+        if length != lengths[first_path]:
+            raise ValueError(f"{path} has sequences of {length} tokens but {first_path} of {lengths[first_path]}: "
+                             f"the builds of a blend must share one --seq-length; rebuild {path} with "
+                             f"--seq-length {lengths[first_path]}")
     first = datasets[0][1]
     info = first.manifest.get("tokenizer") or {}
     tokenizer_dir = first.out_dir / info.get("dir", "tokenizer")
@@ -493,6 +501,27 @@ def open_shards(weighted_paths: Sequence[tuple[float, str]], *, verify_checksums
             "builds": [str(Path(p).resolve()) for _, p in weighted_paths]}
     return OpenedData(datasets=datasets, seq_length=first.seq_length, vocab=vocab, tokenizer_dir=tokenizer_dir,
                       manifest_refs=refs)
+
+
+def _describe_tokenizer(manifest: dict) -> str:
+    info = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    fingerprint = _manifest_field(manifest, "tokenizer.fingerprint", "tokenizer_fingerprint")
+    parts = [str(info["type"])] if info.get("type") else []
+    if info.get("vocab_size") is not None:
+        parts.append(f"vocabulary {info['vocab_size']}")
+    parts.append(f"fingerprint {str(fingerprint)[:12]}")
+    return ", ".join(parts)
+
+
+def _describe_encoder(manifest: dict) -> str:
+    info = manifest.get("vision_encoder")
+    if not isinstance(info, dict):
+        return f"fingerprint {str(info)[:12]}"
+    parts = [str(info.get("name"))]
+    if info.get("decoder"):
+        parts.append(f"decoder {info['decoder']}")
+    parts.append(f"fingerprint {str(info.get('fingerprint'))[:12]}")
+    return ", ".join(parts)
 
 
 def json_key(value: Any) -> str:
