@@ -152,6 +152,8 @@ def test_megatron_aliases_in_yaml(tmp_path):
     (["--no-load-optim"], "nearest equivalent: --finetune"),
     (["--cross-entropy-loss-fusion"], "nearest equivalent: --fused-linear-cross-entropy"),
     (["--decoupled-lr", "5e-4"], "--decoupled-lr (Megatron-LM) is not supported"),
+    (["--train-data-path", "/d/a", "--valid-data-path", "/d/b"],  # was "not a Megatron-LM flag we know"
+     "--train-data-path (Megatron-LM) is not supported; nearest equivalent: --data-path with --split"),
     (["--micro-batch-sise", "2"], ("neither a Chrysalis flag nor a Megatron-LM flag we know; did you mean "
                                    "--micro-batch-size")),
 ])
