@@ -98,6 +98,24 @@ def test_blending_uses_megatron_helper_and_unnormalised_weights():
     assert sample_index[dataset_index == 1].tolist() == list(range(750))
 
 
+def test_unweighted_data_paths_blend_in_proportion_to_each_split(tmp_path):
+    """Megatron's `--data-path A B C` (no weights) was refused ("'A' is not a weight", or "an odd count" for
+    three paths); each build now contributes in proportion to its packed sequences in the split."""
+    from engine.training.config import parse_training_config
+
+    paths = [str(tmp_path / name) for name in ("a", "b", "c")]
+    config = parse_training_config(["--data-path", *paths, "--mock-data"])
+    assert config.data.weighted_paths() == [(None, p) for p in paths]
+    assert parse_training_config(["--data-path", "2", paths[0], "1", paths[1], "--mock-data"]).data.weighted_paths() \
+        == [(2.0, paths[0]), (1.0, paths[1])]
+    data = [(None, SyntheticDataset(60, 256, seed=1)), (None, SyntheticDataset(30, 256, seed=2)),
+            (None, SyntheticDataset(10, 256, seed=3))]
+    train = BlendedSamples(data, (0.9, 0.1, 0.0), 0, 900, seed=4)  # train splits: 54, 27, 9 sequences
+    assert np.bincount(train.dataset_index, minlength=3).tolist() == [540, 270, 90]
+    valid = BlendedSamples(data, (0.9, 0.1, 0.0), 1, 100, seed=4)  # valid splits: 6, 3, 1
+    assert np.bincount(valid.dataset_index, minlength=3).tolist() == [60, 30, 10]
+
+
 def test_order_depends_only_on_seed_and_splits_are_disjoint():
     data = [(1.0, SyntheticDataset(200, 256))]
     a = BlendedSamples(data, (0.9, 0.1, 0.0), 0, 500, seed=1)

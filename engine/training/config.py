@@ -29,10 +29,19 @@ Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
 Fp8Backend = Literal["torchao", "te"]
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Args:
-        data_path: `[W1] DIR1 [W2 DIR2 ...]`; weights are optional when there is a single path.
+        data_path: `[W1] DIR1 [W2 DIR2 ...]`, or `DIR1 DIR2 ...` without weights (each build in proportion to
+            its packed sequences, as Megatron's unweighted list).
         split: train,valid,test proportions of each dataset's packed sequences (contiguous ranges, as Megatron).
         mock_data: train on `SyntheticDataset` instead of shards (Megatron's `--mock-data`).
         make_vocab_size_divisible_by: Megatron's vocabulary padding (times the tensor-parallel size).
@@ -56,11 +65,15 @@ class DataConfig:
         total = sum(parts)
         return parts[0] / total, parts[1] / total, parts[2] / total
 
-    def weighted_paths(self) -> list[tuple[float, str]]:
-        """`--data-path` as (weight, path) pairs; a lone path has weight 1."""
+    def weighted_paths(self) -> list[tuple[float | None, str]]:
+        """`--data-path` as (weight, path) pairs; a lone path has weight 1. A list of paths without any weight
+        (Megatron's `--data-path A B C`) has weight None for each: every build contributes in proportion to its
+        number of packed sequences in the split (`BlendedSamples`), as Megatron concatenates unweighted prefixes."""
         items = list(self.data_path)
         if len(items) == 1:
             return [(1.0, items[0])]
+        if len(items) > 1 and not any(_is_number(item) for item in items):
+            return [(None, str(item)) for item in items]
         if len(items) % 2:
             raise ValueError("--data-path takes a single DIR or pairs 'W1 DIR1 W2 DIR2 ...'; got an odd count")
         pairs = []

@@ -198,7 +198,9 @@ class BlendedSamples(torch.utils.data.Dataset):
     """The global sample order of one split: index g -> (PackedSequence, its embeddings [n, 64, 1152] bf16).
 
     Args:
-        datasets: (weight, dataset) pairs; weight-0 or empty-split datasets never contribute.
+        datasets: (weight, dataset) pairs; weight-0 or empty-split datasets never contribute. A weight None (an
+            unweighted `--data-path A B`) is the number of sequences of that dataset's split, so every dataset
+            contributes in proportion to its size, as Megatron blends an unweighted list of prefixes.
         split: 0 train, 1 valid, 2 test.
         num_samples: length of the order (train: train-iters x global batch).
     """
@@ -207,7 +209,8 @@ class BlendedSamples(torch.utils.data.Dataset):
                  num_samples: int, seed: int):
         self.datasets = [d for _, d in datasets]
         self.ranges = [split_ranges(len(d), fractions)[split] for d in self.datasets]
-        weights = [w if end > begin else 0.0 for (w, _), (begin, end) in zip(datasets, self.ranges)]
+        weights = [(float(end - begin) if w is None else w) if end > begin else 0.0
+                   for (w, _), (begin, end) in zip(datasets, self.ranges)]
         self.split = split
         self.seed = seed
         self.num_samples = num_samples
