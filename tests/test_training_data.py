@@ -116,6 +116,15 @@ def test_unweighted_data_paths_blend_in_proportion_to_each_split(tmp_path):
     assert np.bincount(valid.dataset_index, minlength=3).tolist() == [60, 30, 10]
 
 
+def test_an_empty_split_or_build_says_which_and_why():
+    """An empty build said 'the train split is empty in every dataset: change --split', which cannot help."""
+    with pytest.raises(ValueError, match="dataset 0: no packed sequences to train on .*rejects.jsonl"):
+        BlendedSamples([(1.0, SyntheticDataset(0, 256))], (1.0, 0.0, 0.0), 0, 4, seed=0)
+    with pytest.raises(ValueError, match=r"valid split is empty in every dataset \(dataset 0: 15 sequences, 0 in "
+                                         r"valid\): change --split"):
+        BlendedSamples([(1.0, SyntheticDataset(15, 256))], (0.98, 0.02, 0.0), 1, 4, seed=0)
+
+
 def test_order_depends_only_on_seed_and_splits_are_disjoint():
     data = [(1.0, SyntheticDataset(200, 256))]
     a = BlendedSamples(data, (0.9, 0.1, 0.0), 0, 500, seed=1)

@@ -215,7 +215,13 @@ class BlendedSamples(torch.utils.data.Dataset):
         self.seed = seed
         self.num_samples = num_samples
         if num_samples and sum(weights) <= 0:
-            raise ValueError(f"the {SPLITS[split]} split is empty in every dataset: change --split")
+            names = [str(getattr(d, "out_dir", f"dataset {i}")) for i, d in enumerate(self.datasets)]
+            if not any(len(d) for d in self.datasets):  # --split cannot help: say so
+                raise ValueError(f"{', '.join(names)}: no packed sequences to train on (every record was skipped, "
+                                 "or the inputs were empty: see the build's rejects.jsonl)")
+            sizes = ", ".join(f"{n}: {len(d)} sequences, {end - begin} in {SPLITS[split]}"
+                              for n, d, (begin, end) in zip(names, self.datasets, self.ranges))
+            raise ValueError(f"the {SPLITS[split]} split is empty in every dataset ({sizes}): change --split")
         self.weights = weights
         if num_samples:
             self.dataset_index, self.sample_index = blending_indices(weights, num_samples)
