@@ -90,6 +90,16 @@ def vocab_parallel_cross_entropy_sum(local_logits: torch.Tensor, labels: torch.T
     return _VocabParallelCrossEntropy.apply(local_logits, labels, vocab_start, group, real_vocab_size)
 
 
+def shard_start(tensor, dim: int) -> int:
+    """Global index of this rank's first element along `dim` of a DTensor sharded on it. The shards may be uneven
+    (301 rows over 2 ranks are 151 + 150), so it is not `rank x local size`: a model-only checkpoint whose
+    vocabulary the TP size does not divide is sharded so at generation time."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return int(offset[dim % tensor.ndim])
+
+
 def _vocab_sharded(logits: torch.Tensor) -> bool:
     """A DTensor sharded on its last (vocabulary) dimension over a 1-D mesh: the tensor-parallel LM head's output."""
     from torch.distributed.tensor import Shard
@@ -114,7 +124,7 @@ def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int | None, *, inpl
 
         local = logits.to_local()
         if _vocab_sharded(logits):
-            start = logits.device_mesh.get_local_rank() * local.shape[-1]
+            start = shard_start(logits, -1)
         elif any(isinstance(p, Shard) and p.dim in (-1, logits.ndim - 1) for p in logits.placements):
             raise NotImplementedError(f"vocabulary padding mask for logits placed as {logits.placements}")
         else:

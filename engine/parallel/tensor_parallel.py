@@ -39,6 +39,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from engine.model.losses import shard_start
+
 
 class _SumOverTensorParallel(torch.autograd.Function):
     """All-reduce in forward, identity in backward (Megatron's reduce-from-model-parallel region): the upstream
@@ -58,7 +60,7 @@ class _SumOverTensorParallel(torch.autograd.Function):
 def _vocab_parallel_embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     local = self.weight.to_local()  # [V / t, H]; its gradient maps back to a Shard(0) DTensor gradient
     mesh = self.weight.device_mesh
-    start = mesh.get_local_rank() * local.shape[0]
+    start = shard_start(self.weight, 0)  # uneven shards when t does not divide V (generation from any checkpoint)
     outside = (ids < start) | (ids >= start + local.shape[0])
     out = F.embedding((ids - start).masked_fill(outside, 0), local)
     out = out.masked_fill(outside.unsqueeze(-1), 0.0)
