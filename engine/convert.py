@@ -333,9 +333,26 @@ def _import_weights(hf_dir: Path, hf_state: dict[str, torch.Tensor], config: Mod
     return model, vocab
 
 
-def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Exports a Chrysalis checkpoint to a Hugging Face LLaMA directory (+ vpit_heads.safetensors)."""
+def _load_for_export(load: str | Path) -> tuple[torch.nn.Module, dict[str, int], Path]:
+    """(model, vocabulary ids, tokenizer directory) of a model-only checkpoint, or of a training checkpoint (a
+    --save folder or one iter_*, saved under any parallel layout), chosen as training's --load chooses."""
+    from engine.training import checkpoint as ckpt
+
+    load = Path(load)
+    if (load / ckpt.RECORD).is_file() or ckpt.holds_training_checkpoints(load):
+        from engine.training.export import _VOCAB_KEYS, load_for_generation
+
+        model, _, record = load_for_generation(load)
+        vocab = record.get("vocab") if isinstance(record.get("vocab"), dict) else {}
+        return model, {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}, Path(record["path"]) / "tokenizer"
     model, ckpt_config = load_model_checkpoint(load)
+    return model, ckpt_config["vocab"], load / "tokenizer"
+
+
+def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Exports a Chrysalis checkpoint (model-only, or a training checkpoint) to a Hugging Face LLaMA directory
+    (+ vpit_heads.safetensors)."""
+    model, vocab, tokenizer_dir = _load_for_export(load)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     llama: dict[str, torch.Tensor] = {}
@@ -355,10 +372,9 @@ def chrysalis_to_hf(load: str | Path, output: str | Path, *, max_shard_bytes: in
         llama[hf_name] = tensor
     write_hf_state_dict(llama, out, max_shard_bytes)
     save_tensors_atomic(heads, out / VPIT_HEADS_FILE)
-    hf = hf_config_from_model(model.config, ckpt_config["vocab"])
+    hf = hf_config_from_model(model.config, vocab)
     hf["torch_dtype"] = str(next(iter(llama.values())).dtype).removeprefix("torch.")
     atomic_write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    tokenizer_dir = Path(load) / "tokenizer"
     if tokenizer_dir.is_dir():
         from engine.tokenizer import load_saved_tokenizer
 
@@ -419,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = chrysalis_to_hf(args.load, args.output, max_shard_bytes=args.max_shard_size)
             print(f"wrote {out}")
-    except CheckpointError as err:
+    except (CheckpointError, FileNotFoundError) as err:  # FileNotFoundError: --load X holds no checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -856,6 +856,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         if not _same_kind(items[k], v):
             raise CheckpointError(f"{path / STATE}: optimizer item {k} is {saved_items[k]!r}, not like this run's "
                                   f"{v!r}")
+    _keep_this_runs_hyperparameters(items, optim_other, path, log if info.is_main else None)
     set_model_and_optimizer_state(model, optimizer, state["model"], {**state["optimizer"], **items})
     rng_file = path / RNG_DIR / f"rank_{info.rank:05d}.json"
     if rng_file.is_file():
@@ -869,16 +870,42 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
 
 
+_HYPERPARAMETER_FLAGS = {"weight_decay": "--weight-decay", "betas": "--adam-beta1/--adam-beta2", "eps": "--adam-eps"}
+
+
+def _keep_this_runs_hyperparameters(items: dict[str, Any], current: dict[str, Any], path: Path,
+                                    log: Callable[[str], None] | None) -> None:
+    """A resumed optimizer keeps its moments and step counts, but its param-group settings (weight decay, betas,
+    eps, foreach/fused) are this run's flags, as for --lr (which the schedule sets every step); restoring the
+    checkpoint's silently ignored `--weight-decay 0.05` given on a resume. Each flag that changed gets one note.
+    `lr` stays as restored: the schedule overwrites it before the next step."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    for key, value in current.items():
+        name = key.rsplit(".", 1)[-1]
+        if not key.startswith("param_groups.") or name == "lr":
+            continue
+        if name in _HYPERPARAMETER_FLAGS and items[key] != value:
+            changed.setdefault(name, (items[key], value))
+        items[key] = value
+    if log is not None:
+        for name, (saved, now) in changed.items():
+            log(f"note: {_HYPERPARAMETER_FLAGS[name]}: using this run's {name} {now!r} (the checkpoint {path} was "
+                f"trained with {saved!r})")
+
+
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Single process, no process group: the model weights of a training checkpoint into `model` (for export,
-    generation and evaluation). Every tensor must be present with its shape."""
+    generation and evaluation). Every tensor must be present with its shape, but for the number of vocabulary
+    rows (a padding of another TP size: the shared rows are loaded)."""
     path = Path(path)
     stored = _stored_shapes(path)
     state = {"model": model_state(model)}
+    vocab_rows = vocab_padding.swap_in_stored_rows(state["model"], stored, "model.")
     problems, _ = _tensor_problems(state["model"], stored, "model.", False)
     unused = sorted(k for k in stored if k.startswith("model.") and k[len("model."):] not in state["model"])
     problems += [f"checkpoint tensor {k[len('model.'):]} has no place in this model" for k in unused[:10]]
     if problems:
         raise CheckpointError(f"{path} does not fit its recorded model config: " + "; ".join(problems))
     _load_tensors(path, state, None)
+    vocab_padding.copy_back(vocab_rows, state["model"])
     set_model_and_optimizer_state(model, None, state["model"], None)

@@ -22,9 +22,29 @@ if TYPE_CHECKING:  # torch and the checkpoint code are imported on use: `--help`
 _VOCAB_KEYS = ("base_vocab_size", "image_start_id", "image_end_id")
 
 
+def _one_process_vocab_rows(config: ModelConfig, record: dict[str, Any]) -> ModelConfig:
+    """The model config with the vocabulary padded as one process pads it. A run at TP t pads the tokenizer's ids to
+    a multiple of --make-vocab-size-divisible-by x t (512 rows at TP2 where TP1 has 384); those extra rows are zero
+    and an artefact of the layout, so the model read from a checkpoint (export, generation) does not depend on the
+    layout that saved it. A --vocab-size given by flag is kept as it is."""
+    import dataclasses
+
+    from engine.training.data import padded_vocab_size
+
+    run = record.get("config") if isinstance(record.get("config"), dict) else {}
+    data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    tp, divisible_by = run.get("tensor_model_parallel_size"), data.get("make_vocab_size_divisible_by")
+    real = config.real_vocab_size
+    if (run.get("vocab_size_from_flag") is not False or not isinstance(tp, int) or tp <= 1
+            or not isinstance(divisible_by, int) or divisible_by < 1 or real is None
+            or config.vocab_size != padded_vocab_size(real, divisible_by, tp)):
+        return config
+    return dataclasses.replace(config, vocab_size=padded_vocab_size(real, divisible_by))
+
+
 def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """(VPiTModel, tokenizer or None, completion record) from a training checkpoint; single process (fp32 unless
-    `dtype`)."""
+    `dtype`). The vocabulary is padded as for one process, whatever the layout that saved the checkpoint."""
     import torch
 
     from engine.model import VPiTModel
@@ -34,7 +54,7 @@ def load_for_generation(load: str | Path, device: torch.device | str = "cpu", dt
     path, record = ckpt.open_for_reading(load)
     ckpt.refuse_metaquery_record(path, record, "a VPiT model loader (export, generation)")
     try:
-        config = ModelConfig.from_dict(record["model"])
+        config = _one_process_vocab_rows(ModelConfig.from_dict(record["model"]), record)
     except (TypeError, ValueError) as err:
         raise ckpt.CheckpointError(f"{path / ckpt.RECORD}: invalid model config ({' '.join(str(err).split())})"
                                    ) from None
