@@ -149,3 +149,16 @@ def test_uneven_vocabulary_shards_give_the_one_device_embeddings_and_logits(tmp_
     done = torchrun(script, 2, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "uneven vocabulary shards ok" in done.stdout
+
+
+def test_a_mis_shaped_load_names_ten_tensors_and_counts_the_rest():
+    """`--stage 2 --load S1 --load-partial` with another --hidden-size mis-shapes every tensor: the one-line error
+    listed all of them (40 for a 3-layer model, 6 KB); it names ten and counts the rest."""
+    from engine.training.checkpoint import _tensor_problems
+
+    expected = {f"layers.{i}.w": torch.zeros(48) for i in range(40)}
+    stored = {f"model.layers.{i}.w": (32,) for i in range(40)}
+    problems, missing = _tensor_problems(expected, stored, "model.", partial=True)
+    assert missing == [] and len(problems) == 11
+    assert problems[0] == "tensor layers.0.w has shape [32] in the checkpoint, [48] in this model"
+    assert problems[-1] == "... and 30 more mis-shaped tensors"
