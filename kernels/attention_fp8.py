@@ -186,13 +186,25 @@ def _attn_fp8_fwd_kernel(Q, K, V, QS, KS, VS, O, LSE, DOC_START,
 
 
 # ------------------------------------------------------------------------------------------------ host side
+# An FP8 tl.dot needs a reduction dimension of at least 32 on NVIDIA GPUs (Triton's `min_dot_size`: the kernel
+# does not compile otherwise). Both FP8 MMAs reduce over one of these: S = Q8 K8^T over the head dim (BLOCK_D), and
+# P8 V8 over the key tile (BLOCK_N), which must also divide the scale block. Hence BLOCK_D >= 32 (head dims <= 32
+# are zero-padded in the tile) and scale blocks >= 32 tokens, under the interpreter too, so that what the CPU tests
+# accept is what a GPU compiles.
+MIN_FP8_DOT_K = 32
+
+
 def _tiles(block: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the (power-of-two) quantization block."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N >= 32 divides the (power-of-two) quantization block."""
     if INTERPRET:
-        tile = min(_INTERPRET_TILES["BLOCK_N"], block)
-        return tile, tile, 1, 1
+        return _INTERPRET_TILES["BLOCK_M"], min(max(MIN_FP8_DOT_K, _INTERPRET_TILES["BLOCK_N"]), block), 1, 1
     block_n = min(128, block)  # pragma: no cover - GPU
     return 128, block_n, 8, 3  # pragma: no cover - GPU
+
+
+def _head_block(d: int) -> int:
+    """BLOCK_D: the head dim padded to a power of two, at least the FP8 MMA's minimum reduction size."""
+    return max(MIN_FP8_DOT_K, next_power_of_2(d))
 
 
 def attention_fp8_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: DocumentBounds,
@@ -200,13 +212,14 @@ def attention_fp8_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bou
     """Raw FP8 forward: (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32)."""
     b, hq, s, d = q.shape
     hkv = k.shape[1]
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"the FP8 scale block must be a power of two >= 16 tokens, got {block}")
+    if block < MIN_FP8_DOT_K or block & (block - 1):
+        raise ValueError(f"the FP8 scale block must be a power of two >= {MIN_FP8_DOT_K} tokens (a key tile divides "
+                         f"it, and FP8 MMAs reduce over at least {MIN_FP8_DOT_K}), got {block}")
     block_m, block_n, warps, stages = _tiles(block)
     q8, qs = quantize_blocks(q, block)
     k8, ks = quantize_blocks(k, block)
     v8, vs = quantize_blocks(v, block, transpose=True)
-    block_d = max(16, next_power_of_2(d))
+    block_d = _head_block(d)
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(s, block_m), b * hq)
@@ -241,7 +254,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_id
 
     Same arguments and layouts as `chrysalis_kernels.attention.attention`: q/k/v in bf16 or fp16 (fp32 is accepted,
     for CPU test runs of fp32 models) are quantized here, the output and the backward are in their dtype; `block`
-    is the scaling block in tokens (a power of two >= 16).
+    is the scaling block in tokens (a power of two >= 32).
     """
     thd = q.dim() == 3
     if thd:

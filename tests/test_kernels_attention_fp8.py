@@ -6,6 +6,10 @@ GPU: real sizes, skipped without CUDA.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from chrysalis_kernels.testing import (
@@ -47,9 +51,9 @@ def _check(q, k, v, document_ids, block, seed=0):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("dtype,hq,hkv,block", [(torch.bfloat16, 4, 1, 16), (torch.float16, 8, 1, 32),
+@pytest.mark.parametrize("dtype,hq,hkv,block", [(torch.bfloat16, 4, 1, 64), (torch.float16, 8, 1, 32),
                                                 (torch.bfloat16, 2, 2, 32)],
-                         ids=["bf16-gqa4-block16", "fp16-mqa8-block32", "bf16-mha-block32"])
+                         ids=["bf16-gqa4-block64", "fp16-mqa8-block32", "bf16-mha-block32"])
 def test_fp8_packed_documents(dtype, hq, hkv, block):
     g = torch.Generator().manual_seed(hq + block)
     s = 50
@@ -60,7 +64,7 @@ def test_fp8_packed_documents(dtype, hq, hkv, block):
 
 def test_fp8_head_dim_128():
     q, k, v = _inputs(1, 2, 1, 24, 128, torch.bfloat16, seed=9)
-    _check(q, k, v, document_ids_from_lengths([[1, 23]], DEVICE), block=16)
+    _check(q, k, v, document_ids_from_lengths([[1, 23]], DEVICE), block=32)
 
 
 def test_per_block_scales_confine_an_outlier():
@@ -84,12 +88,59 @@ def test_fp8_thd_layout_and_bad_inputs():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(24, h, 32, generator=g).to(DEVICE, torch.bfloat16) for h in (2, 1, 1))
     cu = torch.tensor([0, 9, 10, 24], dtype=torch.int32, device=DEVICE)
-    out = kf.attention_fp8(q, k, v, cu_seqlens=cu, block=16)
+    out = kf.attention_fp8(q, k, v, cu_seqlens=cu, block=32)
     batched = kf.attention_fp8(*(x.permute(1, 0, 2)[None] for x in (q, k, v)),
-                               document_ids_from_lengths([lengths], DEVICE), block=16)
+                               document_ids_from_lengths([lengths], DEVICE), block=32)
     torch.testing.assert_close(out, batched[0].permute(1, 0, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="power of two"):
         kf.attention_fp8(q, k, v, cu_seqlens=cu, block=24)
+    # A 16-token block would need 16-key tiles: an FP8 MMA reducing over 16 does not compile on NVIDIA GPUs.
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        kf.attention_fp8(q, k, v, cu_seqlens=cu, block=16)
+
+
+_COMPILE_FOR_HOPPER = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import chrysalis_kernels.attention as ka
+import chrysalis_kernels.attention_fp8 as kf
+
+assert not kf.INTERPRET
+kernel = kf._attn_fp8_fwd_kernel
+launches = []
+
+
+class Recorder:  # stands in for the kernel: records what the host code launches (no GPU here)
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((args, kwargs))
+
+
+kf._attn_fp8_fwd_kernel = Recorder()
+for d, block in ((16, 128), (80, 32)):
+    q = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
+    kf.attention_fp8_forward(q, q[:, :1], q[:, :1], ka.document_bounds(batch=1, seq_len=40), 0.1, block)
+for args, kwargs in launches:
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    pointers = {"Q": "*fp8e4nv", "K": "*fp8e4nv", "V": "*fp8e4nv", "O": "*bf16", "DOC_START": "*i32"}
+    signature = {}
+    for name, value in zip(kernel.arg_names, list(args) + [None] * len(kwargs)):
+        signature[name] = "constexpr" if name in kwargs else pointers.get(name, "*fp32" if torch.is_tensor(value)
+                                                                          else "fp32" if isinstance(value, float)
+                                                                          else "i32")
+    triton.compile(ASTSource(kernel, signature, kwargs), target=GPUTarget("cuda", 90, 32), options=options)
+    print("compiled", kwargs["HEAD_DIM"], kwargs["BLOCK_N"])
+"""
+
+
+def test_fp8_kernel_compiles_for_hopper():
+    # The interpreter runs any tile; an sm_90 compile (no GPU needed) checks the host's launch shapes against
+    # Triton's NVIDIA limits: head dim 16 gave a 16-deep FP8 MMA ("K >= 32") that only failed on the GPU.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["compiled", "16", "128", "compiled", "80", "32"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
