@@ -192,6 +192,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dx, dw, None, None, None, None, None, None
 
 
+def _check_labels(labels: torch.Tensor, local_vocab: int, real_vocab_size: int | None,
+                  group: dist.ProcessGroup | None, ignore_index: int) -> None:
+    """Refuses labels outside [0, vocabulary) (the real one: padding columns are not tokens), other than
+    `ignore_index`. The kernels read a label only to find its target logit, so such a label was silently scored as a
+    target logit of 0 (where F.cross_entropy raises, or gives inf for a padding column). One host sync."""
+    vocab = real_vocab_size if real_vocab_size is not None else \
+        local_vocab * (dist.get_world_size(group) if group is not None else 1)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(f"{int(bad.sum())} label(s) outside the vocabulary [0, {vocab}) (first: {first}); only "
+                         f"ignore_index ({ignore_index}) may lie outside it: do the tokenizer and --vocab-size match?")
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                              real_vocab_size: int | None = None, vocab_start: int = 0,
                              group: dist.ProcessGroup | None = None, chunk_rows: int | None = None,
@@ -201,7 +215,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     Args:
         hidden: [N, H] (bf16/fp16/fp32; under autocast the GEMMs run in the autocast dtype).
         weight: [V_local, H] LM head (this rank's vocabulary shard under TP).
-        labels: [N] global token ids; `ignore_index` rows contribute nothing.
+        labels: [N] global token ids in [0, real vocabulary); `ignore_index` rows contribute nothing; any other id
+            raises ValueError.
         real_vocab_size: global columns >= this are padding (excluded, zero gradient). None: no padding.
         vocab_start: the first global column of `weight` (TP rank * V_local).
         group: the vocabulary-parallel process group, or None on one device.
@@ -216,5 +231,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         raise ValueError(f"labels {tuple(labels.shape)} must be [{hidden.shape[0]}]")
     if chunk_rows is not None and chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    _check_labels(labels, weight.shape[0], real_vocab_size, group, ignore_index)
     return _LinearCrossEntropy.apply(hidden, weight, labels.contiguous(), real_vocab_size, vocab_start, group,
                                      chunk_rows, ignore_index)

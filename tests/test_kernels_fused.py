@@ -191,6 +191,21 @@ def test_linear_cross_entropy_needs_no_logits_without_grad():
         lce.linear_cross_entropy_sum(x, w, labels[:3])
 
 
+def test_linear_cross_entropy_refuses_labels_outside_the_vocabulary():
+    # A label past the vocabulary, in its padding, or negative (other than ignore_index) was scored as a target logit
+    # of 0: a finite, wrong loss where F.cross_entropy raises (or gives inf for a padding column).
+    x, w = _randn(4, 16, seed=35, grad=False), _randn(20, 16, seed=36, grad=False)
+    for bad in (25, 18, -5):
+        labels = torch.tensor([1, 2, bad, -100], device=DEVICE)
+        with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 17\) \(first: {bad}\)"):
+            lce.linear_cross_entropy_sum(x, w, labels, real_vocab_size=17)
+    labels = torch.tensor([0, 16, -100, 19], device=DEVICE)  # no padding: all 20 rows are tokens
+    with pytest.raises(ValueError, match="first: 16"):
+        lce.linear_cross_entropy_sum(x, w, labels, real_vocab_size=16)
+    loss = lce.linear_cross_entropy_sum(x, w, labels)
+    assert relative_error(loss, lce.linear_cross_entropy_reference(x, w, labels)) <= 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_kernels_gpu_real_size():  # pragma: no cover - GPU only
     n, h, v = 8192, 4096, 128256
