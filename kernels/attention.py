@@ -124,8 +124,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
-        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
+        tile = tl.cast(start_n, tl.int64)  # token offsets in int64: T x stride passes 2^31 at long packed rows
+        kt_ptrs = k_base + tile * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
+        v_ptrs = v_base + tile * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
         if MASK:
             kt = tl.load(kt_ptrs, mask=(cols[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -184,7 +185,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, COUNTS,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
     io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    tile = tl.cast(m_start, tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + tile * stride_qs + rows * stride_qs + offs_d[None, :] * stride_qd,
                 mask=io_mask, other=0.0)
     ds_row = DOC_START + b * S
     q_doc_start = tl.load(ds_row + offs_m, mask=row_ok, other=S)  # padding rows see no key
@@ -207,7 +210,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, COUNTS,
                                DOT, PRECISION)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + tile * stride_os + rows * stride_os + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=io_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
     if COUNT_BLOCKS:
@@ -223,9 +226,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ds_row,
                     EVEN_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in tl.range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        qt_ptrs = q_base + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd  # [D, BLOCK_M]
-        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod  # [BLOCK_M, D]
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = start_m + rows
+        tile = tl.cast(start_m, tl.int64)
+        qt_ptrs = q_base + tile * stride_qs + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd  # [D, BLOCK_M]
+        do_ptrs = do_base + tile * stride_dos + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod  # [M, D]
         if MASK:
             row_ok = offs_m < S
             qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -270,9 +275,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    tile = tl.cast(n_start, tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + tile * stride_ks + rows * stride_ks + offs_d[None, :] * stride_kd,
                 mask=io_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + hk * stride_vh + tile * stride_vs + rows * stride_vs + offs_d[None, :] * stride_vd,
                 mask=io_mask, other=0.0)
     ds_row = DOC_START + b * S
     de_row = DOC_END + b * S
@@ -304,10 +311,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
                                  stride_qd, stride_dos, stride_dod, offs_n, full_hi, q_hi, S, qk_scale, HEAD_DIM,
                                  BLOCK_D, BLOCK_M, True, EVEN_D, DOT, PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=io_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=io_mask)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + tile * stride_dks + rows * stride_dks
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + tile * stride_dvs + rows * stride_dvs
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -319,8 +326,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, s
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
-        vt_ptrs = v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd  # [D, BLOCK_N]
+        tile = tl.cast(start_n, tl.int64)
+        kt_ptrs = k_base + tile * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
+        vt_ptrs = v_base + tile * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd  # [D, BLOCK_N]
         if MASK:
             kv_mask = (cols[None, :] < S) & (offs_d[:, None] < HEAD_DIM)
             kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
@@ -359,10 +367,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
     io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    tile = tl.cast(m_start, tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + tile * stride_qs + rows * stride_qs + offs_d[None, :] * stride_qd,
                 mask=io_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                 mask=io_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + tile * stride_dos + rows * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=io_mask, other=0.0)
     row = pid_bh.to(tl.int64) * S
     lse = tl.load(LSE + row + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row + offs_m, mask=row_ok, other=0.0)
@@ -380,8 +390,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, offs_m,
                        q_doc_start, full_hi, hi, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, DOT, PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=io_mask)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + tile * stride_dqs + rows * stride_dqs
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 
 # ------------------------------------------------------------------------------------------------ launch configs

@@ -102,8 +102,9 @@ def _fp8_fwd_inner(acc, l_i, m_i, q8, row_scale, k_base, v_base, ks_base, vs_bas
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
-        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
+        tile = tl.cast(start_n, tl.int64)  # token offsets in int64 (see attention.py)
+        kt_ptrs = k_base + tile * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
+        v_ptrs = v_base + tile * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
         if MASK:
             kt = tl.load(kt_ptrs, mask=(cols[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -153,7 +154,9 @@ def _attn_fp8_fwd_kernel(Q, K, V, QS, KS, VS, O, LSE, DOC_START,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
     io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q8 = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    tile = tl.cast(m_start, tl.int64)
+    q8 = tl.load(Q + b * stride_qb + h * stride_qh + tile * stride_qs + rows * stride_qs + offs_d[None, :] * stride_qd,
                  mask=io_mask, other=0.0)
     q_scale = tl.load(QS + pid_bh.to(tl.int64) * NUM_QUANT_BLOCKS + offs_m // QUANT_BLOCK, mask=row_ok, other=0.0)
     row_scale = q_scale * qk_scale
@@ -180,7 +183,7 @@ def _attn_fp8_fwd_kernel(Q, K, V, QS, KS, VS, O, LSE, DOC_START,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_D, ROUND_FIRST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + tile * stride_os + rows * stride_os + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=io_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
 

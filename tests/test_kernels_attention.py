@@ -134,6 +134,46 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error():
     assert "TRITON_INTERPRET=1" in result.stdout, result.stdout + result.stderr
 
 
+_OFFSETS_PAST_2_31 = r"""
+import os
+import torch
+from chrysalis_kernels.attention import attention, attention_reference
+
+s, d = 40, 16
+stride = (1 << 31) // (s - 8) + 1  # token stride: the offsets of tokens >= 32 pass 2^31 elements
+# One token a (virtual) row of `stride` elements holding [q (2 heads), k, v, dout (2 heads)]: only the pages of
+# the 40 rows written are touched (~0.4 GB resident, 5 GB virtual).
+big = torch.empty(s * stride + 6 * d, dtype=torch.float16)
+values = torch.randn(s, 6 * d, generator=torch.Generator().manual_seed(0)).half()
+row_view = big.as_strided((s, 6 * d), (stride, 1))
+row_view.copy_(values)
+def view(offset, heads):
+    return big.as_strided((1, heads, s, d), (0, d, stride, 1), offset)
+q, k, v = (view(0, 2).detach().requires_grad_(), view(2 * d, 1).detach().requires_grad_(),
+           view(3 * d, 1).detach().requires_grad_())
+document_ids = torch.tensor([[0] * 30 + [1] * 10])
+out = attention(q, k, v, document_ids)
+out.backward(view(4 * d, 2))
+small = [t.detach().float().contiguous().requires_grad_() for t in (q, k, v)]
+ref = attention_reference(*small, document_ids)
+ref.backward(view(4 * d, 2).float())
+for name, got, want in [("out", out, ref)] + [(n, t.grad, r.grad) for n, t, r in zip("qkv", (q, k, v), small)]:
+    err = float((got.double() - want.double()).norm() / want.double().norm())
+    print(name, err)
+    assert err < 2e-2, name
+"""
+
+
+def test_token_offsets_past_2_31_elements():
+    # Packed rows are one [T, H, D] tensor: T x H x D passes 2^31 at 512k tokens of 32 x 128 heads (or fewer, as
+    # a fused-QKV view). The kernels multiplied int32 token indices by int32 strides: the offsets wrapped (a segfault
+    # under the interpreter, out-of-bounds reads or writes on a GPU). A subprocess: the old code crashes it.
+    result = subprocess.run([sys.executable, "-c", _OFFSETS_PAST_2_31], check=False, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stdout}{result.stderr[-2000:]}"
+    assert result.stdout.split()[::2] == ["out", "q", "k", "v"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_real_size(dtype):  # pragma: no cover - GPU only
