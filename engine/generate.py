@@ -202,10 +202,14 @@ def run(args: argparse.Namespace) -> int:
     if mesh is not None:
         from engine.parallel.tensor_parallel import apply_tensor_parallel
 
+        from engine.parallel.config import tensor_parallel_indivisible
+
         tp = args.tensor_model_parallel_size
-        if model.config.num_query_groups % tp or model.config.num_attention_heads % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} must divide the model's attention heads "
-                             f"({model.config.num_attention_heads}) and KV groups ({model.config.num_query_groups})")
+        indivisible = tensor_parallel_indivisible(model.config, tp)
+        if indivisible:  # the FFN width too: an uneven one died in DTensor at the first forward
+            raise ValueError(f"--tensor-model-parallel-size {tp} must divide the model's attention heads, KV groups "
+                             "and FFN hidden size; it does not divide the "
+                             + ", ".join(f"{what} ({size})" for what, size in indivisible.values()))
         apply_tensor_parallel(model, mesh, sequence_parallel=False)
     template = args.chat_template or default_chat_template(loaded)
     tpi = model.config.tokens_per_image

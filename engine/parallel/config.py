@@ -55,6 +55,20 @@ class ParallelConfig:
         return "interleaved-1f1b" if self.num_layers_per_virtual_pipeline_stage else "1f1b"
 
 
+def tensor_parallel_indivisible(model: ModelConfig, tp: int) -> dict[str, tuple[str, int]]:
+    """The model dimensions the tensor-parallel plans need `tp` to divide and it does not: {flag: (what, size)}.
+
+    Attention heads and KV groups are sharded whole (KV heads are not replicated). The FFN width is split between
+    the column-parallel w1/w3 and the row-parallel w2, whose input DTensor assumes equal shards: an uneven split
+    (100 at TP3: 34 + 34 + 32) fails in DTensor's sharding propagation at the first forward. The hidden size is
+    heads x head dim. The vocabulary may be split unevenly (`engine.model.losses.shard_start`): generation runs any
+    checkpoint's vocabulary; training pads it to a multiple of TP anyway."""
+    sizes = {"--num-attention-heads": ("attention heads", model.num_attention_heads),
+             "--num-query-groups": ("KV groups", model.num_query_groups),
+             "--ffn-hidden-size": ("FFN hidden size", model.ffn_hidden_size)}
+    return {flag: size for flag, size in sizes.items() if size[1] % tp}
+
+
 def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world_size: int,
                              num_microbatches: int | None = None) -> None:
     """Raises ValueError listing every incompatibility, each naming the flag to change."""
@@ -66,15 +80,9 @@ def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world
         problems.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp}")
     if tp > 1:
-        if model.num_attention_heads % tp:
-            problems.append(f"--num-attention-heads {model.num_attention_heads} is not divisible by "
-                            f"--tensor-model-parallel-size {tp}")
-        if model.num_query_groups % tp:
-            problems.append(f"--num-query-groups {model.num_query_groups} is not divisible by "
-                            f"--tensor-model-parallel-size {tp} (KV heads are sharded, not replicated)")
-        if model.ffn_hidden_size % tp:
-            problems.append(f"--ffn-hidden-size {model.ffn_hidden_size} is not divisible by "
-                            f"--tensor-model-parallel-size {tp}")
+        for flag, (_, value) in tensor_parallel_indivisible(model, tp).items():
+            note = " (KV heads are sharded, not replicated)" if flag == "--num-query-groups" else ""
+            problems.append(f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}{note}")
         if model.hidden_size % tp:
             problems.append(f"--hidden-size {model.hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         if model.vocab_size % tp:
