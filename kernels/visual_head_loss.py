@@ -230,4 +230,6 @@ def visual_head_loss_sum(x: torch.Tensor, targets: torch.Tensor, fc1_weight: tor
     targets = targets.detach()
     if targets.stride(-1) != 1:
         targets = targets.contiguous()
+    # The kernels read the biases with unit stride (a no-op for nn.Linear's own biases).
+    fc1_bias, fc2_bias = (b.contiguous() if b is not None else None for b in (fc1_bias, fc2_bias))
     return _VisualHeadLoss.apply(x, targets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps)

@@ -148,6 +148,28 @@ def test_visual_head_loss_matches_the_engine_head_under_autocast_and_with_no_row
     assert empty.item() == 0.0 and all(p.grad is not None and not p.grad.any() for p in module.parameters())
 
 
+def test_strided_norm_weight_and_head_biases():
+    # The kernels read the RMSNorm weight and the head's biases with unit stride; a strided view (a slice of a
+    # stacked parameter) was read as if contiguous: RMSNorm off by 4.4 (absolute), the head loss 4.40 for 4.55.
+    stacked = _randn(36, 2, seed=40)
+    x = _randn(3, 36, seed=41)
+    y = rmsnorm.rms_norm(x, stacked[:, 0])
+    y.backward(torch.ones_like(y))
+    xr, sr = _leaf32(x, stacked)
+    yr, _ = rmsnorm.add_rms_norm_reference(xr, None, sr[:, 0])
+    yr.backward(torch.ones_like(yr))
+    _assert_close([("y", y, yr), ("dx", x.grad, xr.grad), ("dweight", stacked.grad, sr.grad)], 1e-5)
+    xh, t = _randn(5, 8, seed=42), _randn(5, 12, seed=43, grad=False)
+    w1, w2, biases = _randn(10, 8, seed=44), _randn(12, 10, seed=45), _randn(12, 2, seed=46)
+    loss = head.visual_head_loss_sum(xh, t, w1, biases[:10, 0], w2, biases[:, 1])  # stride 2
+    loss.backward()
+    refs = _leaf32(xh, w1, w2, biases)
+    ref = head.visual_head_loss_reference(refs[0], t, refs[1], refs[3][:10, 0], refs[2], refs[3][:, 1])
+    ref.backward()
+    _assert_close([("loss", loss, ref)] + [(n, a.grad, r.grad) for n, a, r in
+                                           zip(("dx", "dw1", "dw2", "dbias"), (xh, w1, w2, biases), refs)], 1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ linear CE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_linear_cross_entropy_matches_reference_with_padding_and_ignored_rows(dtype):
