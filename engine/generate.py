@@ -200,9 +200,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_checkpoint_for_generation(args.load, device=device, dtype=dtype, tokenizer_dir=args.tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
     if mesh is not None:
-        from engine.parallel.tensor_parallel import apply_tensor_parallel
-
         from engine.parallel.config import tensor_parallel_indivisible
+        from engine.parallel.tensor_parallel import apply_tensor_parallel
 
         tp = args.tensor_model_parallel_size
         indivisible = tensor_parallel_indivisible(model.config, tp)

@@ -154,6 +154,15 @@ class MetaQueryTrainer(TrainingLoop):
                                        vocab=self.vocab, make_vocab_size_divisible_by=c.data.make_vocab_size_divisible_by,
                                        tensor_parallel_size=c.tensor_model_parallel_size,
                                        build_tokenizer_fingerprint=self.data_refs["tokenizer_fingerprint"], log=self._log)
+        if c.tensor_model_parallel_size > 1:  # at start: an uneven split died at the first step (DTensor, view)
+            from engine.parallel.config import tensor_parallel_indivisible
+
+            tp = c.tensor_model_parallel_size
+            indivisible = tensor_parallel_indivisible(model.config, tp)
+            if indivisible:
+                raise ValueError(f"--tensor-model-parallel-size {tp} must divide the frozen LLM's ({source}) attention "
+                                 "heads, KV groups and FFN hidden size; it does not divide the "
+                                 + ", ".join(f"{what} ({size})" for what, size in indivisible.values()))
         self.num_queries = mq.num_queries or DEFAULT_NUM_QUERIES[info_.kind]
         query_init = FrozenLLM(model).query_init(self.num_queries, c.seed)
         frozen_dtype = torch.bfloat16 if c.bf16 else torch.float32  # frozen weights need no fp32 master copy
