@@ -124,6 +124,11 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="ends at 7"):
         x = q[0, :2].permute(1, 0, 2)
         ka.attention(x, x, x, cu_seqlens=torch.tensor([0, 3, 7]))
+    # fp32 with a head dim past 128 compiles to tiles larger than a GPU's shared memory: refused everywhere.
+    wide = torch.randn(1, 1, 4, 136, device=DEVICE)
+    with pytest.raises(ValueError, match="fp32 attention supports head dims up to 128"):
+        ka.attention(wide, wide, wide)
+    ka.attention(wide.bfloat16(), wide.bfloat16(), wide.bfloat16())  # 16-bit: up to 256
 
 
 def test_cpu_tensors_without_interpreter_get_a_clear_error():
