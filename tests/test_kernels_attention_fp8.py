@@ -137,8 +137,8 @@ def test_fp8_kernel_compiles_for_hopper():
     # The interpreter runs any tile; an sm_90 compile (no GPU needed) checks the host's launch shapes against
     # Triton's NVIDIA limits: head dim 16 gave a 16-deep FP8 MMA ("K >= 32") that only failed on the GPU.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, check=False, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["compiled", "16", "128", "compiled", "80", "32"]
 
