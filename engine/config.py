@@ -106,7 +106,7 @@ class ModelConfig:
         problems = []
         for name in ("num_attention_heads", "num_query_groups"):  # divisors below: a 0 must not divide
             if getattr(self, name) <= 0:
-                raise ValueError(f"invalid model config:\n  --{name.replace('_', '-')} must be positive, "
+                raise ValueError(f"invalid model config: --{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             problems.append(
@@ -133,7 +133,7 @@ class ModelConfig:
             problems.append(f"--attention-backend must be one of {', '.join(ATTENTION_BACKEND_CHOICES)}, "
                             f"got {self.attention_backend!r}")
         if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+            raise ValueError("invalid model config: " + "; ".join(problems))  # one error: line
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,3 +89,38 @@ def test_metaquery_refuses_a_frozen_llm_the_tp_size_does_not_divide(tmp_path):
         assert want in done.stderr, done.stderr[-3000:]
         # (torchrun's own traceback follows any failed worker; the workers print none)
         assert not [line for line in done.stderr.splitlines() if line.startswith("[rank")], done.stderr[-3000:]
+
+
+def test_a_refused_layout_is_one_error_line_naming_every_flag(tmp_path):
+    """Every refusal of the layout validator in one `error:` line (run_training's contract); it was a header line
+    followed by one indented line per problem. Here: heads, KV groups and FFN width TP2 does not divide, and
+    --sequence-parallel with a --seq-length of 131."""
+    done = torchrun(REPO / "pretrain_gpt_vision.py", 2, [
+        "--mock-data", "--vocab-size", "512", "--seq-length", "131", "--num-layers", "1", "--hidden-size", "36",
+        "--ffn-hidden-size", "63", "--num-attention-heads", "3", "--num-query-groups", "1", "--micro-batch-size", "1",
+        "--train-iters", "1", "--num-workers", "0", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        timeout=300)
+    assert done.returncode != 0
+    line = next(line for line in done.stderr.splitlines() if line.startswith("error:"))
+    assert line == ("error: invalid parallel layout: --num-attention-heads 3 is not divisible by "
+                    "--tensor-model-parallel-size 2; --num-query-groups 1 is not divisible by "
+                    "--tensor-model-parallel-size 2 (KV heads are sharded, not replicated); --ffn-hidden-size 63 is "
+                    "not divisible by --tensor-model-parallel-size 2; --seq-length 131 is not divisible by "
+                    "--tensor-model-parallel-size 2 (needed by --sequence-parallel)"), done.stderr[-3000:]
+
+
+def test_model_and_training_config_refusals_are_one_line():
+    from engine.config import ModelConfig
+    from engine.training.config import parse_training_config
+
+    with pytest.raises(ValueError) as err:
+        ModelConfig(hidden_size=42, num_attention_heads=6, num_query_groups=0).validate()
+    assert str(err.value) == "invalid model config: --num-query-groups must be positive, got 0"
+    with pytest.raises(ValueError) as err:
+        ModelConfig(hidden_size=42, ffn_hidden_size=64, num_attention_heads=6, num_query_groups=4).validate()
+    assert str(err.value) == ("invalid model config: head dim 7 must be even for RoPE: change --hidden-size or "
+                              "--num-attention-heads; --num-attention-heads 6 must be divisible by --num-query-groups 4")
+    with pytest.raises(ValueError) as err:
+        parse_training_config(["--mock-data", "--micro-batch-size", "0", "--train-iters", "0"]).validate()
+    assert str(err.value) == ("invalid training config: --micro-batch-size must be positive, got 0; --train-iters "
+                              "must be positive, got 0"), str(err.value)

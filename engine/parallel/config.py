@@ -124,4 +124,4 @@ def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world
     if parallel.data_parallel_sharding not in ("none", "fsdp"):
         problems.append(f"--data-parallel-sharding must be 'none' or 'fsdp', got {parallel.data_parallel_sharding!r}")
     if problems:
-        raise ValueError("invalid parallel layout:\n  " + "\n  ".join(problems))
+        raise ValueError("invalid parallel layout: " + "; ".join(problems))  # one error: line

@@ -293,7 +293,7 @@ class TrainingConfig:
             except ValueError:
                 problems.append(f"--pipeline-layer-split takes integers, got {self.pipeline_layer_split}")
         if problems:
-            raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
+            raise ValueError("invalid training config: " + "; ".join(problems))  # one error: line
 
     def resolved_global_batch_size(self, data_parallel_size: int) -> int:
         return self.global_batch_size or self.micro_batch_size * data_parallel_size
