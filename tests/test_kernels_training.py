@@ -96,6 +96,16 @@ def test_fused_paths_under_bf16_autocast_match_the_reference_model():
     assert not fused[1]["output.weight"][500:].any(), "padded vocabulary rows must get no gradient"
 
 
+def test_fp32_triton_attention_past_head_dim_128_is_refused_at_start():
+    # fp32 attention kernels take head dims up to 128 (chrysalis_kernels.attention); without --bf16 the model runs
+    # them in fp32, so a 256-wide head is refused before data and model setup, not at the first step.
+    from engine.training import Trainer, build_device_mesh
+
+    wide = [*TINY, "--hidden-size", "256", "--num-attention-heads", "1", "--num-query-groups", "1"]
+    with pytest.raises(ValueError, match="head dim 256 without --bf16 runs the Triton attention kernels in fp32"):
+        Trainer(parse_training_config([*wide, "--attention-backend", "triton"]), build_device_mesh())
+
+
 def test_fused_loss_flags_reach_the_model_config_and_are_checked():
     config = parse_training_config([*TINY, *FUSED])
     assert config.model.fused_linear_cross_entropy and config.model.fused_visual_head_loss

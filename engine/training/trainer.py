@@ -161,6 +161,9 @@ class Trainer(TrainingLoop):
         if backend in ("triton", "triton-fp8") and not 16 <= head_dim <= 256:  # chrysalis_kernels.attention's range
             raise ValueError(f"--attention-backend {backend}: head dim {head_dim} (--hidden-size / "
                              "--num-attention-heads) is outside the Triton attention kernels' 16..256")
+        if backend in ("triton", "triton-fp8") and head_dim > 128 and not c.bf16:  # fp32 tiles: up to 128
+            raise ValueError(f"--attention-backend {backend}: head dim {head_dim} without --bf16 runs the Triton "
+                             "attention kernels in fp32, which take head dims up to 128: add --bf16")
         from engine.model.attention_backends import triton_kernels_unavailable_reason
 
         for flag, wanted in (("--fused-linear-cross-entropy", self.model_config.fused_linear_cross_entropy),
