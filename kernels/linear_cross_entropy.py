@@ -196,10 +196,18 @@ def _check_labels(labels: torch.Tensor, local_vocab: int, real_vocab_size: int |
                   group: dist.ProcessGroup | None, ignore_index: int) -> None:
     """Refuses labels outside [0, vocabulary) (the real one: padding columns are not tokens), other than
     `ignore_index`. The kernels read a label only to find its target logit, so such a label was silently scored as a
-    target logit of 0 (where F.cross_entropy raises, or gives inf for a padding column). One host sync."""
+    target logit of 0 (where F.cross_entropy raises, or gives inf for a padding column).
+
+    On CUDA the check is a device-side assert (`torch._assert_async`, like F.cross_entropy's own): no host sync in
+    the training step, the error surfaces at the next synchronisation with this message. Elsewhere a ValueError
+    naming the count and the first bad id."""
     vocab = real_vocab_size if real_vocab_size is not None else \
         local_vocab * (dist.get_world_size(group) if group is not None else 1)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.is_cuda:
+        torch._assert_async(~bad.any(), f"label(s) outside the vocabulary [0, {vocab}); only ignore_index "
+                            f"({ignore_index}) may lie outside it: do the tokenizer and --vocab-size match?")
+        return
     if bool(bad.any()):
         first = int(labels[bad][0])
         raise ValueError(f"{int(bad.sum())} label(s) outside the vocabulary [0, {vocab}) (first: {first}); only "
