@@ -24,8 +24,14 @@ GRAD_PARAMS = ["tok_embeddings.weight", "projector.fc1.weight", "layers.0.attent
                "visual_head.fc2.weight", "visual_head.fc2.bias"]
 
 
-def harness_model_config(tie_embeddings: bool = False) -> ModelConfig:
+def harness_model_config(tie_embeddings: bool = False, awkward: bool = False) -> ModelConfig:
     # 251 real tokens padded to 256 rows: every layout also runs the vocabulary-padding mask.
+    if awkward:
+        # Sizes a friendly harness never meets: head dim 10, FFN 170 (85 per TP2 rank), hidden 40 (does not divide
+        # the 1152-wide visual tokens), 262 rows (131 per TP2 rank; rank 1 holds real rows and the padding 259-261).
+        return ModelConfig(vocab_size=262, real_vocab_size=259, hidden_size=40, ffn_hidden_size=170, num_layers=4,
+                           num_attention_heads=4, num_query_groups=2, seq_length=160, max_position_embeddings=512,
+                           visual_loss_coef=0.5, tie_embeddings=tie_embeddings)
     return ModelConfig(vocab_size=256, real_vocab_size=251, hidden_size=64, ffn_hidden_size=128, num_layers=4,
                        num_attention_heads=4, num_query_groups=2, seq_length=160, max_position_embeddings=512,
                        visual_loss_coef=0.5, tie_embeddings=tie_embeddings)
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
     parser.add_argument("--tie-embeddings", action="store_true", help="LM head tied to the token embedding")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
+    parser.add_argument("--awkward", action="store_true", help="awkward model sizes (harness_model_config)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-microbatches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)
@@ -86,7 +93,7 @@ def main() -> None:
     else:
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     torch.manual_seed(0)
-    config = harness_model_config(args.tie_embeddings)
+    config = harness_model_config(args.tie_embeddings, args.awkward)
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               num_layers_per_virtual_pipeline_stage=args.vpp_layers,
                               sequence_parallel=args.sequence_parallel,

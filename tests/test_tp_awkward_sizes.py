@@ -55,7 +55,7 @@ def test_generation_refuses_an_ffn_width_the_tp_size_does_not_divide(tmp_path):
 
 
 def test_metaquery_refuses_a_frozen_llm_the_tp_size_does_not_divide(tmp_path):
-    """Two frozen LLMs in one launch each: FFN 99 (DTensor failure at step 1) and 3 KV groups (a view error)."""
+    """A frozen LLM with an FFN width of 99 at TP2 (it died at step 1 in DTensor's sharding propagation)."""
     from engine.metaquery.decoder import write_tiny_decoder
     from engine.visualizer.autoencoder import tiny_autoencoder
 
@@ -73,10 +73,10 @@ def test_metaquery_refuses_a_frozen_llm_the_tp_size_does_not_divide(tmp_path):
                            str(decoder), "--vae-image-size", "16"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    # (3 KV groups at TP2 died too, with "shape '[2, 29, -1, 6]' is invalid": the same check, tested above for
+    # training's validator; one launch here keeps the test cheap)
     cases = {"ffn99": ({"hidden_size": 32, "ffn_hidden_size": 99, "num_attention_heads": 4, "num_query_groups": 2},
-                       "FFN hidden size (99)"),
-             "groups3": ({"hidden_size": 36, "ffn_hidden_size": 64, "num_attention_heads": 6, "num_query_groups": 3},
-                         "KV groups (3)")}
+                       "FFN hidden size (99)")}
     for name, (sizes, what) in cases.items():
         llm = save_llm(tmp_path / name, **sizes)
         done = torchrun(REPO / "pretrain_gpt_vision.py", 2, [
