@@ -200,15 +200,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_checkpoint_for_generation(args.load, device=device, dtype=dtype, tokenizer_dir=args.tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
     if mesh is not None:
-        from engine.parallel.config import tensor_parallel_indivisible
+        from engine.parallel.config import tensor_parallel_refusal
         from engine.parallel.tensor_parallel import apply_tensor_parallel
 
-        tp = args.tensor_model_parallel_size
-        indivisible = tensor_parallel_indivisible(model.config, tp)
-        if indivisible:  # the FFN width too: an uneven one died in DTensor at the first forward
-            raise ValueError(f"--tensor-model-parallel-size {tp} must divide the model's attention heads, KV groups "
-                             "and FFN hidden size; it does not divide the "
-                             + ", ".join(f"{what} ({size})" for what, size in indivisible.values()))
+        # the FFN width too: an uneven one died in DTensor at the first forward
+        refusal = tensor_parallel_refusal(model.config, args.tensor_model_parallel_size, "the model's")
+        if refusal:
+            raise ValueError(refusal)
         apply_tensor_parallel(model, mesh, sequence_parallel=False)
     template = args.chat_template or default_chat_template(loaded)
     tpi = model.config.tokens_per_image

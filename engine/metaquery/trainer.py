@@ -155,14 +155,12 @@ class MetaQueryTrainer(TrainingLoop):
                                        tensor_parallel_size=c.tensor_model_parallel_size,
                                        build_tokenizer_fingerprint=self.data_refs["tokenizer_fingerprint"], log=self._log)
         if c.tensor_model_parallel_size > 1:  # at start: an uneven split died at the first step (DTensor, view)
-            from engine.parallel.config import tensor_parallel_indivisible
+            from engine.parallel.config import tensor_parallel_refusal
 
-            tp = c.tensor_model_parallel_size
-            indivisible = tensor_parallel_indivisible(model.config, tp)
-            if indivisible:
-                raise ValueError(f"--tensor-model-parallel-size {tp} must divide the frozen LLM's ({source}) attention "
-                                 "heads, KV groups and FFN hidden size; it does not divide the "
-                                 + ", ".join(f"{what} ({size})" for what, size in indivisible.values()))
+            refusal = tensor_parallel_refusal(model.config, c.tensor_model_parallel_size,
+                                              f"the frozen LLM's ({source})")
+            if refusal:
+                raise ValueError(refusal)
         self.num_queries = mq.num_queries or DEFAULT_NUM_QUERIES[info_.kind]
         query_init = FrozenLLM(model).query_init(self.num_queries, c.seed)
         frozen_dtype = torch.bfloat16 if c.bf16 else torch.float32  # frozen weights need no fp32 master copy

@@ -69,6 +69,17 @@ def tensor_parallel_indivisible(model: ModelConfig, tp: int) -> dict[str, tuple[
     return {flag: size for flag, size in sizes.items() if size[1] % tp}
 
 
+def tensor_parallel_refusal(model: ModelConfig, tp: int, whose: str) -> str | None:
+    """The one-line refusal of a TP size that leaves `model`'s dimensions indivisible (`whose`: "the model's", "the
+    frozen LLM's (--llm X)"), or None; for the tools that shard a checkpoint's model as it is (generation,
+    MetaQuery's frozen LLM) rather than validating flags."""
+    indivisible = tensor_parallel_indivisible(model, tp)
+    if not indivisible:
+        return None
+    return (f"--tensor-model-parallel-size {tp} must divide {whose} attention heads, KV groups and FFN hidden size; "
+            "it does not divide the " + ", ".join(f"{what} ({size})" for what, size in indivisible.values()))
+
+
 def validate_parallel_config(parallel: ParallelConfig, model: ModelConfig, world_size: int,
                              num_microbatches: int | None = None) -> None:
     """Raises ValueError listing every incompatibility, each naming the flag to change."""

@@ -38,6 +38,14 @@ from engine.training.parallel import ParallelInfo, all_reduce_sum, parallelize, 
 from engine.training.vocab_padding import VOCAB_MATRICES, repad_rows
 
 
+def _held_elements(parameters) -> tuple[int, int]:
+    """(elements this rank stores, global elements) of the trainable parameters: a DTensor's local shard against
+    its global size (the distributed optimizer's log line)."""
+    held = [p for p in parameters if p.requires_grad]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in held)
+    return local, sum(p.numel() for p in held)
+
+
 class Trainer(TrainingLoop):
     """Builds data, model, optimizer and schedule from a validated config, resumes from `--load`, and trains.
 
@@ -225,8 +233,7 @@ class Trainer(TrainingLoop):
             from engine.training.optim import shard_optimizer_state
 
             self.model: nn.Module = shard_optimizer_state(model, self.info.dp_mesh, c.bf16)
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            local, total = sum(p.to_local().numel() for p in trainable), sum(p.numel() for p in trainable)
+            local, total = _held_elements(self.model.parameters())
             self._log(f"distributed optimizer: this rank holds {local:,} of {total:,} trainable parameter elements "
                       "and their AdamW state")
         else:
@@ -292,11 +299,9 @@ class Trainer(TrainingLoop):
         self.trainable = sorted(trainable)
         self.parallel_model = self.model = pm
         if c.use_distributed_optimizer and self.info.dp_size > 1:
-            held = [p for p in pm.parameters() if p.requires_grad]
-            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in held)
+            local, total = _held_elements(pm.parameters())
             self._log(f"distributed optimizer (FSDP2 over dp, no reshard after forward): this rank holds {local:,} "
-                      f"of the {sum(p.numel() for p in held):,} trainable parameter elements of its pipeline "
-                      "stage(s) and their AdamW state")
+                      f"of the {total:,} trainable parameter elements of its pipeline stage(s) and their AdamW state")
         self.optimizer = PartOptimizers(pm.parts, c)
         self.schedule = WarmupDecaySchedule(self.optimizer, c.optimizer, c.train_iters)
         self.grad_mask = None
