@@ -74,6 +74,10 @@ class EncoderBackend:
 class PrecomputedBackend:
     """Embeddings read from --embeddings-dir: 'decode' parses the file, 'encode' casts to bf16."""
 
+    def take_pil_fallbacks(self) -> int:
+        """No images are decoded here (the backends' common interface with EncoderBackend)."""
+        return 0
+
     def decode_batch(self, blobs):
         from preprocess.images import decode_embedding
         from preprocess.records import RecordError

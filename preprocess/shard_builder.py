@@ -221,8 +221,7 @@ class ShardBuilder:
         latent_pixels: dict[str, torch.Tensor] = {}
         if state.pending_blobs:
             results = self.backend.decode_batch(list(state.pending_blobs.values()))
-            if hasattr(self.backend, "take_pil_fallbacks"):
-                state.counts["pil_fallback_images"] += self.backend.take_pil_fallbacks()
+            state.counts["pil_fallback_images"] += self.backend.take_pil_fallbacks()
             for digest, result in zip(state.pending_blobs, results):
                 if isinstance(result, Exception):
                     state.bad[digest] = result
