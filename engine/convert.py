@@ -340,11 +340,10 @@ def _load_for_export(load: str | Path) -> tuple[torch.nn.Module, dict[str, int],
 
     load = Path(load)
     if (load / ckpt.RECORD).is_file() or ckpt.holds_training_checkpoints(load):
-        from engine.training.export import _VOCAB_KEYS, load_for_generation
+        from engine.training.export import load_for_generation, record_vocab
 
         model, _, record = load_for_generation(load)
-        vocab = record.get("vocab") if isinstance(record.get("vocab"), dict) else {}
-        return model, {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}, Path(record["path"]) / "tokenizer"
+        return model, record_vocab(record), Path(record["path"]) / "tokenizer"
     model, ckpt_config = load_model_checkpoint(load)
     return model, ckpt_config["vocab"], load / "tokenizer"
 

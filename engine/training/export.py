@@ -22,6 +22,13 @@ if TYPE_CHECKING:  # torch and the checkpoint code are imported on use: `--help`
 _VOCAB_KEYS = ("base_vocab_size", "image_start_id", "image_end_id")
 
 
+def record_vocab(record: dict[str, Any]) -> dict[str, int]:
+    """The tokenizer ids a model-only checkpoint and a Hugging Face config carry, from a training checkpoint's
+    completion record (export and engine.convert)."""
+    vocab = record.get("vocab") if isinstance(record.get("vocab"), dict) else {}
+    return {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}
+
+
 def _one_process_vocab_rows(config: ModelConfig, record: dict[str, Any]) -> ModelConfig:
     """The model config with the vocabulary padded as one process pads it. A run at TP t pads the tokenizer's ids to
     a multiple of --make-vocab-size-divisible-by x t (512 rows at TP2 where TP1 has 384); those extra rows are zero
@@ -97,8 +104,7 @@ def export_training_checkpoint(load: str | Path, output: str | Path, *, hf_outpu
         if where is not None:
             _refuse_training_folder(Path(where), flag)
     model, tokenizer, record = load_for_generation(load)
-    vocab = record.get("vocab") or {}
-    vocab = {k: int(vocab[k]) for k in _VOCAB_KEYS if k in vocab}
+    vocab = record_vocab(record)
     extra: dict[str, Any] = {"source": {"training_checkpoint": record["path"], "iteration": record["iteration"],
                                         "stage": record.get("stage")}}
     data = record.get("data") if isinstance(record.get("data"), dict) else {}
